@@ -1,0 +1,149 @@
+"""Hugging Face GPT-J checkpoints -> this project's weight layout. Needs numpy and safetensors only.
+
+The name map is written out in `hf_name_map`: each of our tensors names its Hugging Face source and whether it
+is transposed (HF stores linear weights [out, in]; our kernels read [in, out]). Conversion reads one source
+tensor at a time from memory-mapped shards and writes our weights in output shards of bounded size, so the 6B
+model is never held twice in memory.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import ml_dtypes
+import numpy as np
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
+
+from gptj_tvm.errors import GptjError
+
+from .config import GPTJConfig, rotary_tables
+
+NUMPY_DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16),
+                "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
+SHARD_BYTES = 2 << 30
+
+
+@dataclass(frozen=True)
+class Source:
+    hf_name: str
+    hf_shape: tuple[int, ...]
+    transpose: bool = False
+
+
+def hf_name_map(config: GPTJConfig) -> dict[str, Source]:
+    """Our tensor name -> its Hugging Face source, in the order the model declares its parameters."""
+    d, ff, vocab = config.n_embd, config.d_ff, config.vocab_size
+    names: dict[str, Source] = {"wte": Source("transformer.wte.weight", (vocab, d))}
+    for i in range(config.n_layer):
+        hf, ours = f"transformer.h.{i}", f"h.{i}"
+        names[f"{ours}.ln_1.weight"] = Source(f"{hf}.ln_1.weight", (d,))
+        names[f"{ours}.ln_1.bias"] = Source(f"{hf}.ln_1.bias", (d,))
+        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            names[f"{ours}.attn.{proj}.weight"] = Source(f"{hf}.attn.{proj}.weight", (d, d), transpose=True)
+        names[f"{ours}.mlp.fc_in.weight"] = Source(f"{hf}.mlp.fc_in.weight", (ff, d), transpose=True)
+        names[f"{ours}.mlp.fc_in.bias"] = Source(f"{hf}.mlp.fc_in.bias", (ff,))
+        names[f"{ours}.mlp.fc_out.weight"] = Source(f"{hf}.mlp.fc_out.weight", (d, ff), transpose=True)
+        names[f"{ours}.mlp.fc_out.bias"] = Source(f"{hf}.mlp.fc_out.bias", (d,))
+    names["ln_f.weight"] = Source("transformer.ln_f.weight", (d,))
+    names["ln_f.bias"] = Source("transformer.ln_f.bias", (d,))
+    names["lm_head.weight"] = Source("lm_head.weight", (vocab, d), transpose=True)
+    names["lm_head.bias"] = Source("lm_head.bias", (vocab,))
+    return names
+
+
+def checkpoint_files(model_dir: Path) -> list[Path]:
+    """The safetensors files of a checkpoint: the shards of model.safetensors.index.json, or model.safetensors."""
+    model_dir = Path(model_dir)
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise GptjError(f"{index}: not a valid safetensors index ({err})") from None
+        files = [model_dir / name for name in dict.fromkeys(weight_map.values())]
+    elif (model_dir / "model.safetensors").is_file():
+        files = [model_dir / "model.safetensors"]
+    else:
+        raise GptjError(f"{model_dir}: no model.safetensors or model.safetensors.index.json")
+    for path in files:
+        if not path.is_file():
+            raise GptjError(f"{path}: shard listed in the index is missing")
+    return files
+
+
+class Checkpoint:
+    """The tensors of a HF checkpoint, checked against the config, read one at a time."""
+
+    def __init__(self, model_dir: Path, config: GPTJConfig):
+        self.config = config
+        self.sources = hf_name_map(config)
+        self.location: dict[str, Path] = {}
+        shapes: dict[str, tuple[int, ...]] = {}
+        for path in checkpoint_files(model_dir):
+            try:
+                with safe_open(str(path), framework="np") as f:
+                    for name in f.keys():
+                        self.location[name] = path
+                        shapes[name] = tuple(f.get_slice(name).get_shape())
+            except (SafetensorError, OSError, ValueError) as err:
+                raise GptjError(f"{path}: not a readable safetensors file ({err})") from None
+        expected = {src.hf_name: src.hf_shape for src in self.sources.values()}
+        for name, shape in expected.items():
+            if name not in shapes:
+                raise GptjError(f"{model_dir}: tensor {name} is missing (config has n_layer={config.n_layer})")
+            if shapes[name] != shape:
+                raise GptjError(f"{model_dir}: tensor {name} has shape {list(shapes[name])}, "
+                                f"the config needs {list(shape)}")
+        for name in shapes:
+            if name not in expected and not name.endswith(IGNORED_SUFFIXES):
+                raise GptjError(f"{model_dir}: unexpected tensor {name} (does the checkpoint match config.json?)")
+
+    def read(self, hf_name: str) -> np.ndarray:
+        path = self.location[hf_name]
+        try:
+            with safe_open(str(path), framework="np") as f:
+                return f.get_tensor(hf_name)
+        except (SafetensorError, OSError, ValueError) as err:
+            raise GptjError(f"{path}: cannot read tensor {hf_name} ({err})") from None
+
+    def converted(self, dtype: str) -> Iterator[tuple[str, np.ndarray]]:
+        """Our tensors in our layout and `dtype`, one at a time; the rotary tables (float32) come first."""
+        cos, sin = rotary_tables(self.config)
+        yield "rotary.cos", cos
+        yield "rotary.sin", sin
+        target = NUMPY_DTYPES[dtype]
+        for ours, src in self.sources.items():
+            tensor = self.read(src.hf_name)
+            tensor = tensor.T if src.transpose else tensor
+            yield ours, np.ascontiguousarray(tensor.astype(target, copy=False))
+
+
+def write_shards(tensors: Iterator[tuple[str, np.ndarray]], out_dir: Path, shard_bytes: int = SHARD_BYTES,
+                 on_tensor: Callable[[str], None] | None = None) -> list[str]:
+    """Write tensors to params-00000.safetensors, params-00001.safetensors, ... each at most about shard_bytes."""
+    files: list[str] = []
+    pending: dict[str, np.ndarray] = {}
+    size = 0
+
+    def flush():
+        nonlocal pending, size
+        if pending:
+            name = f"params-{len(files):05d}.safetensors"
+            save_file(pending, str(Path(out_dir) / name))
+            files.append(name)
+        pending, size = {}, 0
+
+    for name, tensor in tensors:
+        if size and size + tensor.nbytes > shard_bytes:
+            flush()
+        pending[name] = tensor
+        size += tensor.nbytes
+        if on_tensor:
+            on_tensor(name)
+    flush()
+    return files

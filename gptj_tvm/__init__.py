@@ -1,0 +1,20 @@
+"""gptj-tvm: GPT-J compiled by Apache TVM.
+
+    import gptj_tvm
+    gen = gptj_tvm.load("ARTIFACT_DIR")
+    out = gen.generate("Once upon a time", max_new_tokens=32, temperature=0)
+"""
+
+from .errors import GptjError
+
+__version__ = "0.1.0"
+
+
+def load(artifact_dir, device=None):
+    """Load a compiled artifact and return a `Generator` (runtime only: no TVM compiler needed)."""
+    from .runtime.engine import Generator  # noqa: PLC0415  (keep `import gptj_tvm` light)
+
+    return Generator.load(artifact_dir, device=device)
+
+
+__all__ = ["GptjError", "load", "__version__"]

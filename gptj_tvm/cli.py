@@ -1,0 +1,175 @@
+"""The `gptj-tvm` command: one function per subcommand; errors become one line on stderr."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from .errors import GptjError
+
+DTYPE_CHOICES = ("float32", "float16", "bfloat16")
+
+
+def _ensure_threads() -> None:
+    # TVM's CPU runtime halves the core count to skip hyper-threads; on small machines that means one thread.
+    os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
+
+
+def cmd_init_random(args) -> int:
+    from tqdm import tqdm  # noqa: PLC0415
+
+    from .frontend.random_checkpoint import make_config, write_random_checkpoint  # noqa: PLC0415
+    from .frontend.weights import hf_name_map  # noqa: PLC0415
+
+    config = make_config(args.preset, args.layers, args.dtype)
+    with tqdm(total=len(hf_name_map(config)), desc="write random checkpoint", unit="tensor",
+              disable=args.quiet) as bar:
+        write_random_checkpoint(Path(args.dir), config, seed=args.seed, shard_bytes=args.shard_mb << 20,
+                                on_tensor=lambda _name, _bytes: bar.update())
+    if not args.quiet:
+        print(f"wrote a random GPT-J ({config.n_layer} layers, d {config.n_embd}, {config.torch_dtype}) "
+              f"to {args.dir}")
+    return 0
+
+
+def cmd_compile(args) -> int:
+    from .targets.compile import compile_model  # noqa: PLC0415
+
+    meta = compile_model(args.model_dir, args.output, target=args.target, dtype=args.dtype,
+                         progress=not args.quiet)
+    if not args.quiet:
+        timings = meta["compile_timings"]
+        print(f"compiled {args.model_dir} -> {args.output} ({meta['dtype']}, {meta['target']['kind']} "
+              f"{meta['target'].get('mcpu', '')}): library {timings['library_s']:.1f} s, "
+              f"weights {timings['weights_s']:.1f} s")
+    return 0
+
+
+def _prompt(args):
+    if args.prompt_ids is not None:
+        try:
+            return [int(tok) for tok in args.prompt_ids.split(",") if tok.strip()]
+        except ValueError:
+            raise GptjError(f"--prompt-ids must be comma-separated integers, got {args.prompt_ids!r}") from None
+    return args.prompt
+
+
+def cmd_generate(args) -> int:
+    _ensure_threads()
+    from . import load  # noqa: PLC0415
+
+    gen = load(args.artifact)
+    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, seed=args.seed, stop=args.stop or ())
+    if args.json:
+        out = gen.generate(_prompt(args), **options)
+        print(json.dumps({
+            "prompt_ids": out.prompt_ids, "output_ids": out.ids, "text": out.text,
+            "finish_reason": out.finish_reason,
+            "prefill_tokens_per_s": out.stats["prefill_tokens_per_s"],
+            "decode_tokens_per_s": out.stats["decode_tokens_per_s"],
+        }))
+        return 0
+    for piece in gen.stream(_prompt(args), **options):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """A tiny random GPT-J: written, compiled for this CPU, and generating, all in a temporary folder."""
+    _ensure_threads()
+    from . import load  # noqa: PLC0415
+    from .frontend.random_checkpoint import make_config, write_random_checkpoint  # noqa: PLC0415
+    from .targets.compile import compile_model  # noqa: PLC0415
+
+    with tempfile.TemporaryDirectory(prefix="gptj-tvm-demo-") as tmp:
+        model_dir, artifact_dir = Path(tmp) / "checkpoint", Path(tmp) / "artifact"
+        print("1/3 writing a tiny random GPT-J checkpoint (Hugging Face layout)")
+        write_random_checkpoint(model_dir, make_config("tiny", None, None), seed=args.seed)
+        print("2/3 compiling it for this CPU with TVM")
+        meta = compile_model(model_dir, artifact_dir)
+        print(f"    target {meta['target']['kind']} -mcpu={meta['target'].get('mcpu')} "
+              f"in {meta['compile_timings']['library_s']:.1f} s")
+        print(f"3/3 generating (random weights, so the text is noise): {args.prompt!r} ->")
+        gen = load(artifact_dir)
+        sys.stdout.write(args.prompt)
+        stream = gen.stream(args.prompt, max_new_tokens=args.max_new_tokens, temperature=0)
+        for piece in stream:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        stats = stream.result.stats
+        print(f"\n\n{len(stream.result.ids)} new tokens; prefill {stats['prefill_tokens_per_s']:.0f} tokens/s, "
+              f"decode {stats['decode_tokens_per_s']:.0f} tokens/s")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gptj-tvm", description="GPT-J compiled by Apache TVM.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("init-random", help="write a GPT-J checkpoint (HF layout) with random weights",
+                       description="Write a GPT-J checkpoint in the Hugging Face layout with random weights.")
+    p.add_argument("dir", help="output folder (must not exist or be empty)")
+    p.add_argument("--preset", default="tiny", choices=("tiny", "gptj-6b"),
+                   help="tiny (seconds to compile) or gptj-6b (the real 6B shape); default tiny")
+    p.add_argument("--layers", type=int, help="override the number of layers")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, help="storage dtype (default: the preset's)")
+    p.add_argument("--shard-mb", type=int, default=2048, help="largest shard in MiB (default 2048)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=cmd_init_random)
+
+    p = sub.add_parser("compile", help="compile a GPT-J checkpoint into an artifact folder",
+                       description="Compile a Hugging Face GPT-J checkpoint for a target; write an artifact "
+                                   "folder (library, converted weights, tokenizer, metadata).")
+    p.add_argument("model_dir", help="checkpoint folder (config.json, *.safetensors)")
+    p.add_argument("-o", "--output", required=True, help="artifact folder to write")
+    p.add_argument("--target", default="llvm", help="llvm (this host's CPU; default)")
+    p.add_argument("--dtype", help="float32, float16 or bfloat16 (default: the checkpoint's)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("generate", help="generate text with a compiled artifact",
+                       description="Generate text with a compiled artifact; streams to stdout.")
+    p.add_argument("artifact", help="artifact folder made by `gptj-tvm compile`")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--prompt", help="prompt text")
+    group.add_argument("--prompt-ids", help="prompt as comma-separated token ids, e.g. 464,10730")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="default 32")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: all)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (same seed, same text)")
+    p.add_argument("--stop", nargs="+", metavar="STRING", help="stop before any of these strings")
+    p.add_argument("--json", action="store_true", help="print one JSON object at the end instead of streaming")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("demo", help="a tiny random GPT-J, compiled for this CPU, generating",
+                       description="Write a tiny random GPT-J, compile it for this CPU and generate text.")
+    p.add_argument("--prompt", default="Once upon a time", help="default 'Once upon a time'")
+    p.add_argument("--max-new-tokens", type=int, default=24, help="default 24")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except GptjError as err:
+        print(f"gptj-tvm {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"gptj-tvm {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""The artifact folder: written here and read here, nowhere else.
+
+    ARTIFACT/
+      metadata.json            format version, config, dtype, target, TVM version, host ISA, weight hashes
+      model.so                 the compiled library (export_library)
+      params-0000N.safetensors the converted weights, in the compile dtype and the kernels' layout
+      vocab.json, merges.txt   the GPT-2 byte-level BPE tokenizer
+
+A compile writes into a temporary sibling folder and renames it into place at the end, so an interrupted
+compile leaves nothing that looks like an artifact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from gptj_tvm.errors import GptjError
+from gptj_tvm.targets.host import isa_features
+
+FORMAT_VERSION = 1
+METADATA = "metadata.json"
+LIBRARY = "model.so"
+VOCAB, MERGES = "vocab.json", "merges.txt"
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@contextmanager
+def staging_dir(out_dir: Path) -> Iterator[Path]:
+    """A temporary folder beside out_dir that becomes out_dir only if the block completes."""
+    out_dir = Path(out_dir).resolve()
+    if out_dir.exists() and not (out_dir / METADATA).is_file() and any(out_dir.iterdir()):
+        raise GptjError(f"{out_dir}: exists and is not an artifact; refusing to overwrite it")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial.", dir=out_dir.parent))
+    try:
+        yield tmp
+        if out_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
+            os.replace(out_dir, old / "artifact")
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_metadata(folder: Path, *, config: dict, dtype: str, target: dict, device: str, tvm_version: str,
+                   params: list[str], weight_files: list[str], functions: list[str], extra: dict | None = None):
+    files = {name: {"bytes": (folder / name).stat().st_size, "sha256": file_sha256(folder / name)}
+             for name in weight_files}
+    weights_hash = hashlib.sha256("".join(f["sha256"] for f in files.values()).encode()).hexdigest()
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "config": config,
+        "dtype": dtype,
+        "target": target,
+        "device": device,
+        "tvm_version": tvm_version,
+        "host_isa": isa_features() if device == "cpu" else [],
+        "library": LIBRARY,
+        "functions": functions,
+        "params": params,
+        "weight_files": files,
+        "weights_sha256": weights_hash,
+        "tokenizer": {"vocab": VOCAB, "merges": MERGES},
+        **(extra or {}),
+    }
+    (folder / METADATA).write_text(json.dumps(meta, indent=2))
+    return meta
+
+
+def read_metadata(folder: Path) -> dict:
+    """The artifact's metadata, checked against this host and this TVM; one clear error otherwise."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise GptjError(f"{folder}: no such artifact folder")
+    path = folder / METADATA
+    if not path.is_file():
+        raise GptjError(f"{folder}: not a gptj-tvm artifact (no {METADATA})")
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise GptjError(f"{path}: unreadable ({err})") from None
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        raise GptjError(f"{folder}: artifact format {meta.get('format_version') if isinstance(meta, dict) else '?'}"
+                        f" is not {FORMAT_VERSION}; compile it again with this version of gptj-tvm")
+    return meta
+
+
+def check_compatible(meta: dict, folder: Path, tvm_version: str) -> None:
+    if meta["tvm_version"] != tvm_version:
+        raise GptjError(f"{folder}: built with TVM {meta['tvm_version']}, this is TVM {tvm_version}; "
+                        "compile it again")
+    if meta["device"] == "cpu":
+        missing = sorted(set(meta["host_isa"]) - set(isa_features()))
+        if missing:
+            raise GptjError(f"{folder}: built for a CPU with {', '.join(missing)}, which this CPU lacks; "
+                            "compile it on this machine")
+    for name, info in meta["weight_files"].items():
+        weight = folder / name
+        if not weight.is_file():
+            raise GptjError(f"{weight}: weight file missing from the artifact")
+        if weight.stat().st_size != info["bytes"]:
+            raise GptjError(f"{weight}: {weight.stat().st_size} bytes, the artifact says {info['bytes']} "
+                            "(truncated or replaced)")
+    for name in (meta["library"], meta["tokenizer"]["vocab"], meta["tokenizer"]["merges"]):
+        if not (folder / name).is_file():
+            raise GptjError(f"{folder / name}: missing from the artifact")

@@ -1,0 +1,218 @@
+"""Run a compiled artifact: load the library and weights, own the KV cache, prefill, decode, sample, stream.
+
+Imports TVM's runtime only (tvm.runtime), never its compiler, so it works with a runtime-only TVM.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import tvm
+import tvm.runtime
+from safetensors import SafetensorError, safe_open
+from tvm.runtime.vm import VirtualMachine
+
+from gptj_tvm.errors import GptjError
+
+from . import artifact
+from .sampling import next_token
+from .tokenizer import GPT2Tokenizer
+
+DEVICES = {"cpu": tvm.cpu, "cuda": tvm.cuda, "webgpu": tvm.webgpu if hasattr(tvm, "webgpu") else None}
+
+
+@dataclass
+class Generation:
+    text: str
+    ids: list[int]
+    prompt_ids: list[int]
+    stats: dict = field(default_factory=dict)
+    finish_reason: str = "length"
+
+
+class Generator:
+    def __init__(self, folder: Path, meta: dict, vm: VirtualMachine, device, params, tokenizer: GPT2Tokenizer):
+        self.folder = folder
+        self.meta = meta
+        self.config = meta["config"]
+        self.context = int(self.config["n_positions"])
+        self.eos_token_id = int(self.config["eos_token_id"])
+        self.vocab_size = int(self.config["vocab_size"])
+        self.device = device
+        self.tokenizer = tokenizer
+        self._vm = vm
+        self._params = params
+
+    @classmethod
+    def load(cls, folder, device: str | None = None) -> "Generator":
+        folder = Path(folder)
+        meta = artifact.read_metadata(folder)
+        artifact.check_compatible(meta, folder, tvm.__version__)
+        kind = device or meta["device"]
+        if kind != meta["device"]:
+            raise GptjError(f"{folder}: built for device {meta['device']!r}, not {kind!r}")
+        dev = DEVICES[kind](0)
+        if not dev.exist:
+            raise GptjError(f"{folder}: needs a {kind} device, and none is visible")
+        try:
+            lib = tvm.runtime.load_module(str(folder / meta["library"]))
+        except Exception as err:  # noqa: BLE001  (TVM raises many kinds; the user needs one line)
+            raise GptjError(f"{folder / meta['library']}: cannot load the compiled library ({err})") from None
+        vm = VirtualMachine(lib, dev)
+        params = load_params(folder, meta, dev)
+        tokenizer = GPT2Tokenizer(folder / meta["tokenizer"]["vocab"], folder / meta["tokenizer"]["merges"])
+        return cls(folder, meta, vm, dev, params, tokenizer)
+
+    # -- the model -------------------------------------------------------------------------------------
+    def _forward(self, function: str, ids: Sequence[int], caches, total: int):
+        tokens = tvm.runtime.tensor(np.asarray(ids, dtype=np.int32).reshape(1, -1), self.device)
+        logits, caches = self._vm[function](tokens, tvm.runtime.ShapeTuple([total]), caches, self._params)
+        return logits, caches
+
+    def new_cache(self):
+        return self._vm["_initialize_effect"]()
+
+    def logits(self, ids: Sequence[int]) -> np.ndarray:
+        """float32 logits [len(ids), vocab_size] at every position of ids."""
+        ids = self._check_ids(ids)
+        logits, _ = self._forward("prefill_all", ids, self.new_cache(), len(ids))
+        return logits.numpy().reshape(len(ids), self.vocab_size)
+
+    def _check_ids(self, ids: Sequence[int]) -> list[int]:
+        ids = [int(i) for i in ids]
+        if not ids:
+            raise GptjError("the prompt is empty")
+        if len(ids) > self.context:
+            raise GptjError(f"the prompt has {len(ids)} tokens, past the model's context of {self.context}")
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise GptjError(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
+        return ids
+
+    # -- generation ------------------------------------------------------------------------------------
+    def _token_stream(self, prompt_ids: list[int], max_new_tokens: int, temperature: float, top_k: int,
+                      top_p: float, seed: int | None, stats: dict) -> Iterator[int]:
+        """Yields new token ids; fills stats with prefill and decode timings."""
+        rng = np.random.default_rng(seed)
+        start = time.perf_counter()
+        logits, caches = self._forward("prefill", prompt_ids, self.new_cache(), len(prompt_ids))
+        last = logits.numpy().reshape(-1)
+        stats["prefill_s"] = time.perf_counter() - start
+        stats["prompt_tokens"] = len(prompt_ids)
+        stats["decode_s"] = 0.0
+        stats["decode_steps"] = 0
+        total = len(prompt_ids)
+        for step in range(max_new_tokens):
+            token = next_token(last, rng, temperature, top_k, top_p)
+            yield token
+            total += 1
+            if token == self.eos_token_id or step == max_new_tokens - 1 or total >= self.context:
+                return
+            start = time.perf_counter()
+            logits, caches = self._forward("decode", [token], caches, total)
+            last = logits.numpy().reshape(-1)
+            stats["decode_s"] += time.perf_counter() - start
+            stats["decode_steps"] += 1
+
+    def _events(self, prompt, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
+                top_p: float = 1.0, seed: int | None = None, stop: Sequence[str] = ()) -> Iterator[tuple[str, Generation]]:
+        """Yields (new text piece, the generation so far); the last Generation is complete."""
+        check_sampling(max_new_tokens, temperature, top_k, top_p)
+        prompt_ids = self._check_ids(self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt)
+        stop = [s for s in stop if s]
+        result = Generation(text="", ids=[], prompt_ids=prompt_ids)
+        emitted = 0
+        for token in self._token_stream(prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, result.stats):
+            result.ids.append(token)
+            if token == self.eos_token_id:
+                result.finish_reason = "eos"
+                break
+            text = self.tokenizer.decode(result.ids)
+            cut = min((text.find(s) for s in stop if s in text), default=-1)
+            if cut >= 0:
+                result.text = text[:cut]
+                result.finish_reason = "stop"
+                break
+            ready = len(text) - held_back(text, stop)
+            if ready > emitted:
+                result.text = text[:ready]
+                yield text[emitted:ready], result
+                emitted = ready
+        else:
+            result.finish_reason = "length" if len(result.ids) == max_new_tokens else "context"
+        if result.finish_reason != "stop":
+            result.text = self.tokenizer.decode(result.ids)
+        if len(result.text) > emitted:
+            yield result.text[emitted:], result
+        finish_stats(result.stats)
+        yield "", result
+
+    def stream(self, prompt, **kwargs) -> "TextStream":
+        """Text pieces as they are decoded (text that could begin a stop string is held back); once the
+        stream is exhausted, its `.result` is the complete Generation."""
+        return TextStream(self._events(prompt, **kwargs))
+
+    def generate(self, prompt, **kwargs) -> Generation:
+        result = None
+        for _, result in self._events(prompt, **kwargs):
+            pass
+        return result
+
+
+class TextStream:
+    def __init__(self, events: Iterator[tuple[str, Generation]]):
+        self._events = events
+        self.result: Generation | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        for piece, self.result in self._events:
+            if piece:
+                yield piece
+
+
+def held_back(text: str, stops: Sequence[str]) -> int:
+    """How many trailing characters to hold: an unfinished UTF-8 sequence, or the start of a stop string."""
+    hold = 1 if text.endswith("\ufffd") else 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:n]):
+                hold = max(hold, n)
+                break
+    return hold
+
+
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: float) -> None:
+    if max_new_tokens < 1:
+        raise GptjError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise GptjError(f"temperature must be 0 (greedy) or positive, got {temperature}")
+    if top_k < 0:
+        raise GptjError(f"top_k must be 0 (off) or positive, got {top_k}")
+    if not 0.0 < top_p <= 1.0:
+        raise GptjError(f"top_p must be in (0, 1], got {top_p}")
+
+
+def finish_stats(stats: dict) -> None:
+    stats["prefill_tokens_per_s"] = stats["prompt_tokens"] / stats["prefill_s"] if stats["prefill_s"] else 0.0
+    steps = stats["decode_steps"]
+    stats["decode_tokens_per_s"] = steps / stats["decode_s"] if steps and stats["decode_s"] else 0.0
+
+
+def load_params(folder: Path, meta: dict, device) -> "tvm.runtime.Object":
+    """The weights as one packed tuple, in the order the compiled functions take them."""
+    tensors = {}
+    for name in meta["weight_files"]:
+        try:
+            with safe_open(str(folder / name), framework="np") as f:
+                for key in f.keys():
+                    tensors[key] = tvm.runtime.tensor(f.get_tensor(key), device)
+        except (SafetensorError, OSError, ValueError) as err:
+            raise GptjError(f"{folder / name}: corrupt weight file ({err})") from None
+    missing = [p for p in meta["params"] if p not in tensors]
+    if missing:
+        raise GptjError(f"{folder}: weight {missing[0]} missing from the artifact")
+    return tvm.runtime.convert([tensors[p] for p in meta["params"]])

@@ -1,0 +1,1 @@
+"""Devices: which TVM target a name means, and what the host is (targets.host needs no TVM compiler)."""

@@ -1,0 +1,85 @@
+"""`gptj-tvm compile`: a HF checkpoint in, an artifact folder out.
+
+Two independent halves: the library is built from the config alone (frontend -> ir -> schedules -> codegen),
+and the weights are converted with numpy/safetensors only (frontend.weights). Both land in a staging folder
+that is renamed into place when everything has been written.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import tvm
+from tqdm import tqdm
+
+from gptj_tvm.errors import GptjError
+from gptj_tvm.frontend.config import DTYPES, GPTJConfig
+from gptj_tvm.frontend.random_checkpoint import packaged_tokenizer_dir
+from gptj_tvm.frontend.weights import Checkpoint, write_shards
+from gptj_tvm.ir import pipeline
+from gptj_tvm.runtime import artifact
+from gptj_tvm.schedules.default import apply_default_schedules
+
+from .resolve import resolve_target
+
+
+def export_model(config: GPTJConfig, dtype: str):
+    """The Relax module of GPT-J for `config` in `dtype`, and its parameter names in call order."""
+    from gptj_tvm.frontend.model import GPTJ  # noqa: PLC0415
+
+    model = GPTJ(config, dtype)
+    mod, params = model.export_tvm(spec=model.get_default_spec())
+    return mod, [name for name, _ in params]
+
+
+def build_library(config: GPTJConfig, dtype: str, target: tvm.target.Target, out_path: Path) -> list[str]:
+    """Compile GPT-J for target and export the library to out_path; returns the parameter order."""
+    mod, param_names = export_model(config, dtype)
+    executable = pipeline.build(mod, target, lambda m: apply_default_schedules(m, target))
+    executable.export_library(str(out_path))
+    return param_names
+
+
+def tokenizer_files(model_dir: Path) -> tuple[Path, Path]:
+    """The checkpoint's vocab.json/merges.txt, or the GPT-2 files shipped with the package (GPT-J's own)."""
+    vocab, merges = model_dir / "vocab.json", model_dir / "merges.txt"
+    if vocab.is_file() and merges.is_file():
+        return vocab, merges
+    shipped = packaged_tokenizer_dir()
+    return shipped / "encoder.json", shipped / "vocab.bpe"
+
+
+def compile_model(model_dir, out_dir, target: str = "llvm", dtype: str | None = None,
+                  progress: bool = True) -> dict:
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    if not model_dir.is_dir():
+        raise GptjError(f"{model_dir}: no such checkpoint folder")
+    config = GPTJConfig.from_file(model_dir / "config.json")
+    dtype = dtype or config.torch_dtype
+    if dtype not in DTYPES:
+        raise GptjError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    tvm_target = resolve_target(target)
+    checkpoint = Checkpoint(model_dir, config)  # checks every name and shape before any long work
+    vocab, merges = tokenizer_files(model_dir)
+    timings = {}
+    with artifact.staging_dir(out_dir) as staging:
+        start = time.perf_counter()
+        with tqdm(total=1, desc="compile library", disable=not progress, leave=False) as bar:
+            params = build_library(config, dtype, tvm_target, staging / artifact.LIBRARY)
+            bar.update()
+        timings["library_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        with tqdm(total=len(params), desc="convert weights", disable=not progress, leave=False) as bar:
+            files = write_shards(checkpoint.converted(dtype), staging, on_tensor=lambda _: bar.update())
+        timings["weights_s"] = time.perf_counter() - start
+        shutil.copyfile(vocab, staging / artifact.VOCAB)
+        shutil.copyfile(merges, staging / artifact.MERGES)
+        meta = artifact.write_metadata(
+            staging, config=config.to_dict(), dtype=dtype, target=json.loads(str(tvm_target)),
+            device="cpu" if tvm_target.kind.name == "llvm" else tvm_target.kind.name,
+            tvm_version=tvm.__version__, params=params, weight_files=files,
+            functions=["prefill", "prefill_all", "decode"], extra={"compile_timings": timings})
+    return meta

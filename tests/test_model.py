@@ -1,0 +1,88 @@
+"""The compiled model against the independent numpy GPT-J (tests/reference.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from reference import ReferenceGPTJ, rel_max_error
+
+PROMPT = [464, 10730, 29598, 11, 290, 262, 2068, 7586, 21831, 3, 99, 12000, 50256, 17]
+TOLERANCE = {"tiny": 1e-4, "wide": 1e-4, "odd": 1e-4, "float16": 5e-3, "bfloat16": 2e-2}
+
+
+def prompt_for(generator) -> list[int]:
+    return [i % generator.vocab_size for i in PROMPT]
+
+
+@pytest.mark.parametrize("name", ["tiny", "wide", "odd", "float16", "bfloat16"])
+def test_logits_at_every_position_match_reference(name, generator, reference):
+    gen = generator(name)
+    ids = prompt_for(gen)
+    actual = gen.logits(ids)
+    expected = reference(name).logits(ids)
+    assert actual.dtype == np.float32 and actual.shape == (len(ids), gen.vocab_size)
+    assert rel_max_error(actual, expected) < TOLERANCE[name]
+    if name in ("float16", "bfloat16"):  # half precision still ranks the tokens like the exact model
+        assert np.mean(actual.argmax(-1) == expected.argmax(-1)) >= 0.85
+
+
+def test_sharded_checkpoint_gives_the_same_logits(generator, reference, checkpoint):
+    sharded = checkpoint("tiny", shard_bytes=1 << 20)
+    assert (sharded / "model.safetensors.index.json").is_file()
+    assert len(list(sharded.glob("model-*-of-*.safetensors"))) > 2
+    ids = prompt_for(generator("tiny"))
+    actual = generator("tiny", shard_bytes=1 << 20).logits(ids)
+    assert rel_max_error(actual, ReferenceGPTJ(sharded).logits(ids)) < 1e-4
+
+
+@pytest.mark.parametrize("name", ["tiny", "wide", "odd"])
+def test_decode_step_by_step_equals_recomputation(name, generator, reference):
+    gen = generator(name)
+    ids = prompt_for(gen)
+    expected = reference(name).logits(ids)
+    logits, cache = gen._forward("prefill", ids[:5], gen.new_cache(), 5)
+    assert rel_max_error(logits.numpy().reshape(-1), expected[4]) < 1e-4
+    for n in range(5, len(ids)):
+        logits, cache = gen._forward("decode", [ids[n]], cache, n + 1)
+        assert rel_max_error(logits.numpy().reshape(-1), expected[n]) < 1e-4, f"step {n}"
+    # a second prefill chunk on top of a cache (positions continue, mask offset)
+    logits, cache = gen._forward("prefill_all", ids[:6], gen.new_cache(), 6)
+    logits, cache = gen._forward("prefill_all", ids[6:], cache, len(ids))
+    assert rel_max_error(logits.numpy().reshape(len(ids) - 6, -1), expected[6:]) < 1e-4
+
+
+@pytest.mark.parametrize("name", ["tiny", "wide"])
+def test_greedy_generation_equals_numpy_greedy(name, generator, reference):
+    gen = generator(name)
+    ids = prompt_for(gen)[:6]
+    out = gen.generate(ids, max_new_tokens=10, temperature=0)
+    expected = reference(name).greedy(ids, 10)
+    stop_at = expected.index(gen.eos_token_id) + 1 if gen.eos_token_id in expected else len(expected)
+    assert out.ids == expected[:stop_at]
+    assert out.prompt_ids == ids
+
+
+def test_reference_is_sensitive_to_the_rotary_layout(checkpoint, monkeypatch):
+    """The random checkpoints make the rotary matter: NeoX's layout (dim i paired with i + rotary_dim / 2,
+    instead of 2i with 2i + 1) changes the logits, so the comparison above can catch it."""
+    import reference as ref_module
+
+    ref = ReferenceGPTJ(checkpoint("wide"))
+    ids = PROMPT[:8]
+    good = ref.logits([i % 1000 for i in ids])
+
+    def rotate_half(x, positions, rotary_dim):
+        half = rotary_dim // 2
+        perm = np.stack([np.arange(half), np.arange(half, rotary_dim)], axis=1).reshape(-1)
+        moved = x.copy()
+        moved[..., :rotary_dim] = x[..., perm]
+        out = original(moved, positions, rotary_dim)
+        back = out.copy()
+        back[..., perm] = out[..., :rotary_dim]
+        return back
+
+    original = ref_module.rotate_every_two
+    monkeypatch.setattr(ref_module, "rotate_every_two", rotate_half)
+    neox = ref.logits([i % 1000 for i in ids])
+    assert rel_max_error(neox, good) > 1e-2

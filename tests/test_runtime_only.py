@@ -1,0 +1,40 @@
+"""The runtime needs TVM's runtime only: generate from an artifact with a TVM copy that has no compiler."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import tvm
+
+import gptj_tvm
+
+SCRIPT = """
+import json, sys
+import tvm
+assert tvm.__file__.startswith(sys.argv[2]), tvm.__file__
+import gptj_tvm
+out = gptj_tvm.load(sys.argv[1]).generate([464, 10730, 29598], max_new_tokens=6)
+loaded = sorted(m for m in sys.modules if m.startswith(("tvm.relax", "tvm.s_tir", "gptj_tvm.frontend",
+                                                        "gptj_tvm.ir", "gptj_tvm.schedules")))
+print(json.dumps({"ids": out.ids, "compiler_modules": loaded}))
+"""
+
+
+def test_generate_with_a_runtime_only_tvm(artifact, tmp_path):
+    runtime_copy = tmp_path / "runtime-only"
+    shutil.copytree(Path(tvm.__file__).parent, runtime_copy / "tvm",
+                    ignore=shutil.ignore_patterns("libtvm_compiler.so", "3rdparty", "include", "src", "__pycache__"))
+    assert not list(runtime_copy.rglob("libtvm_compiler*"))
+    env = dict(os.environ, TVM_USE_RUNTIME_LIB="1", PYTHONPATH=str(runtime_copy))
+    result = subprocess.run([sys.executable, "-c", SCRIPT, str(artifact("tiny")), str(runtime_copy)],
+                            capture_output=True, text=True, env=env, check=False)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["compiler_modules"] == []
+    expected = gptj_tvm.load(artifact("tiny")).generate([464, 10730, 29598], max_new_tokens=6).ids
+    assert report["ids"] == expected

@@ -20,6 +20,8 @@ GELU_NEW_COEFF = 0.044715
 GELU_NEW_SCALE = math.sqrt(2.0 / math.pi)
 DEFAULT_LAYER_NORM_EPS = 1e-5
 DTYPES = ("float32", "float16", "bfloat16")
+# lm_head's columns are padded with zeros to a multiple of this, so its GEMV splits into even, wide strips.
+LM_HEAD_PAD = 512
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +41,10 @@ class GPTJConfig:
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return -(-self.vocab_size // LM_HEAD_PAD) * LM_HEAD_PAD
 
     @property
     def d_ff(self) -> int:

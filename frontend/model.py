@@ -5,10 +5,11 @@ every linear weight is [in_features, out_features], so `y = x @ W + b` runs with
 models keep LayerNorm statistics, rotary angles, softmax and matmul accumulation in float32.
 
 Exported functions (each takes the packed weights and the KV caches, and returns logits and the caches):
-    prefill(input_ids[1, n], total_len)       logits of the last position, [1, 1, vocab] float32
-    prefill_all(input_ids[1, n], total_len)   logits of every position, [1, n, vocab] float32
-    decode(input_ids[1, 1], total_len)        one new token, [1, 1, vocab] float32
-`total_len` is the number of tokens in the cache after this call (past + n).
+    prefill(input_ids[1, n], total_len)       logits of the last position, [1, 1, padded_vocab] float32
+    prefill_all(input_ids[1, n], total_len)   logits of every position, [1, n, padded_vocab] float32
+    decode(input_ids[1, 1], total_len)        one new token, [1, 1, padded_vocab] float32
+`total_len` is the number of tokens in the cache after this call (past + n). The logits of the padded
+columns (config.padded_vocab_size - vocab_size) are meaningless; the runtime drops them.
 """
 
 from __future__ import annotations
@@ -31,14 +32,16 @@ class Linear(nn.Module):
         self.bias = nn.Parameter((out_features,), dtype) if bias else None
         self.dtype = dtype
 
-    def forward(self, x: nn.Tensor) -> nn.Tensor:
-        if self.dtype == F32:
-            y = op.matmul(x, self.weight)
-            return y + self.bias if self.bias is not None else y
-        y = op.matmul(x, self.weight, out_dtype=F32)
+    def forward_f32(self, x: nn.Tensor) -> nn.Tensor:
+        """The float32 result, before rounding to the model dtype."""
+        y = op.matmul(x, self.weight, out_dtype=F32 if self.dtype != F32 else None)
         if self.bias is not None:
-            y = y + op.astype(self.bias, F32)
-        return op.astype(y, self.dtype)
+            y = y + (self.bias if self.dtype == F32 else op.astype(self.bias, F32))
+        return y
+
+    def forward(self, x: nn.Tensor) -> nn.Tensor:
+        y = self.forward_f32(x)
+        return y if self.dtype == F32 else op.astype(y, self.dtype)
 
 
 class LayerNorm(nn.Module):
@@ -145,9 +148,12 @@ class MLP(nn.Module):
     def __init__(self, config: GPTJConfig, dtype: str):
         self.fc_in = Linear(config.n_embd, config.d_ff, dtype, bias=True)
         self.fc_out = Linear(config.d_ff, config.n_embd, dtype, bias=True)
+        self.dtype = dtype
 
     def forward(self, x: nn.Tensor) -> nn.Tensor:
-        return self.fc_out(gelu_new(self.fc_in(x)))
+        # gelu_new in float32: its constants rounded to bfloat16 (0.0447, 0.797) would shift every activation
+        hidden = gelu_new(self.fc_in.forward_f32(x))
+        return self.fc_out(hidden if self.dtype == F32 else op.astype(hidden, self.dtype))
 
 
 class Block(nn.Module):
@@ -177,7 +183,7 @@ class GPTJ(nn.Module):
         self.rotary = Rotary(config)
         self.h = nn.ModuleList([Block(config, dtype) for _ in range(config.n_layer)])
         self.ln_f = LayerNorm(config.n_embd, config.layer_norm_epsilon, dtype)
-        self.lm_head = Linear(config.n_embd, config.vocab_size, dtype, bias=True)
+        self.lm_head = Linear(config.n_embd, config.padded_vocab_size, dtype, bias=True)  # zero-padded columns
 
     def _hidden(self, input_ids: nn.Tensor, total: tirx.PrimExpr) -> nn.Tensor:
         h = op.reshape(embed(self.wte, op.reshape(input_ids, (-1,))), (1, input_ids.shape[1], -1))

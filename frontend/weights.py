@@ -33,6 +33,7 @@ class Source:
     hf_name: str
     hf_shape: tuple[int, ...]
     transpose: bool = False
+    pad_last_to: int | None = None  # zero columns appended after the transpose
 
 
 def hf_name_map(config: GPTJConfig) -> dict[str, Source]:
@@ -51,8 +52,9 @@ def hf_name_map(config: GPTJConfig) -> dict[str, Source]:
         names[f"{ours}.mlp.fc_out.bias"] = Source(f"{hf}.mlp.fc_out.bias", (d,))
     names["ln_f.weight"] = Source("transformer.ln_f.weight", (d,))
     names["ln_f.bias"] = Source("transformer.ln_f.bias", (d,))
-    names["lm_head.weight"] = Source("lm_head.weight", (vocab, d), transpose=True)
-    names["lm_head.bias"] = Source("lm_head.bias", (vocab,))
+    padded = config.padded_vocab_size
+    names["lm_head.weight"] = Source("lm_head.weight", (vocab, d), transpose=True, pad_last_to=padded)
+    names["lm_head.bias"] = Source("lm_head.bias", (vocab,), pad_last_to=padded)
     return names
 
 
@@ -120,6 +122,9 @@ class Checkpoint:
         for ours, src in self.sources.items():
             tensor = self.read(src.hf_name)
             tensor = tensor.T if src.transpose else tensor
+            if src.pad_last_to is not None and src.pad_last_to > tensor.shape[-1]:
+                padding = [(0, 0)] * (tensor.ndim - 1) + [(0, src.pad_last_to - tensor.shape[-1])]
+                tensor = np.pad(tensor, padding)
             yield ours, np.ascontiguousarray(tensor.astype(target, copy=False))
 
 

@@ -68,10 +68,12 @@ class Generator:
         return cls(folder, meta, vm, dev, params, tokenizer)
 
     # -- the model -------------------------------------------------------------------------------------
-    def _forward(self, function: str, ids: Sequence[int], caches, total: int):
+    def forward(self, function: str, ids: Sequence[int], cache, total: int) -> tuple[np.ndarray, object]:
+        """Run "prefill", "prefill_all" or "decode" on ids appended to cache (which then holds total tokens);
+        returns float32 logits [positions, vocab_size] and the updated cache."""
         tokens = tvm.runtime.tensor(np.asarray(ids, dtype=np.int32).reshape(1, -1), self.device)
-        logits, caches = self._vm[function](tokens, tvm.runtime.ShapeTuple([total]), caches, self._params)
-        return logits, caches
+        logits, cache = self._vm[function](tokens, tvm.runtime.ShapeTuple([total]), cache, self._params)
+        return logits.numpy().reshape(-1, logits.shape[-1])[:, : self.vocab_size], cache
 
     def new_cache(self):
         return self._vm["_initialize_effect"]()
@@ -79,8 +81,7 @@ class Generator:
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         """float32 logits [len(ids), vocab_size] at every position of ids."""
         ids = self._check_ids(ids)
-        logits, _ = self._forward("prefill_all", ids, self.new_cache(), len(ids))
-        return logits.numpy().reshape(len(ids), self.vocab_size)
+        return self.forward("prefill_all", ids, self.new_cache(), len(ids))[0]
 
     def _check_ids(self, ids: Sequence[int]) -> list[int]:
         ids = [int(i) for i in ids]
@@ -99,8 +100,8 @@ class Generator:
         """Yields new token ids; fills stats with prefill and decode timings."""
         rng = np.random.default_rng(seed)
         start = time.perf_counter()
-        logits, caches = self._forward("prefill", prompt_ids, self.new_cache(), len(prompt_ids))
-        last = logits.numpy().reshape(-1)
+        logits, cache = self.forward("prefill", prompt_ids, self.new_cache(), len(prompt_ids))
+        last = logits[-1]
         stats["prefill_s"] = time.perf_counter() - start
         stats["prompt_tokens"] = len(prompt_ids)
         stats["decode_s"] = 0.0
@@ -113,8 +114,8 @@ class Generator:
             if token == self.eos_token_id or step == max_new_tokens - 1 or total >= self.context:
                 return
             start = time.perf_counter()
-            logits, caches = self._forward("decode", [token], caches, total)
-            last = logits.numpy().reshape(-1)
+            logits, cache = self.forward("decode", [token], cache, total)
+            last = logits[-1]
             stats["decode_s"] += time.perf_counter() - start
             stats["decode_steps"] += 1
 

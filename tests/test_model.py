@@ -8,6 +8,7 @@ import pytest
 from reference import ReferenceGPTJ, rel_max_error
 
 PROMPT = [464, 10730, 29598, 11, 290, 262, 2068, 7586, 21831, 3, 99, 12000, 50256, 17]
+TOP1_AGREEMENT = {"float16": 0.9, "bfloat16": 0.75}  # of 14 positions; bfloat16 keeps 8 bits of mantissa
 TOLERANCE = {"tiny": 1e-4, "wide": 1e-4, "odd": 1e-4, "float16": 5e-3, "bfloat16": 2e-2}
 
 
@@ -23,8 +24,8 @@ def test_logits_at_every_position_match_reference(name, generator, reference):
     expected = reference(name).logits(ids)
     assert actual.dtype == np.float32 and actual.shape == (len(ids), gen.vocab_size)
     assert rel_max_error(actual, expected) < TOLERANCE[name]
-    if name in ("float16", "bfloat16"):  # half precision still ranks the tokens like the exact model
-        assert np.mean(actual.argmax(-1) == expected.argmax(-1)) >= 0.85
+    if name in TOP1_AGREEMENT:  # half precision still ranks the tokens like the exact model
+        assert np.mean(actual.argmax(-1) == expected.argmax(-1)) >= TOP1_AGREEMENT[name]
 
 
 def test_sharded_checkpoint_gives_the_same_logits(generator, reference, checkpoint):
@@ -41,15 +42,16 @@ def test_decode_step_by_step_equals_recomputation(name, generator, reference):
     gen = generator(name)
     ids = prompt_for(gen)
     expected = reference(name).logits(ids)
-    logits, cache = gen._forward("prefill", ids[:5], gen.new_cache(), 5)
-    assert rel_max_error(logits.numpy().reshape(-1), expected[4]) < 1e-4
+    logits, cache = gen.forward("prefill", ids[:5], gen.new_cache(), 5)
+    assert logits.shape == (1, gen.vocab_size)
+    assert rel_max_error(logits[0], expected[4]) < 1e-4
     for n in range(5, len(ids)):
-        logits, cache = gen._forward("decode", [ids[n]], cache, n + 1)
-        assert rel_max_error(logits.numpy().reshape(-1), expected[n]) < 1e-4, f"step {n}"
+        logits, cache = gen.forward("decode", [ids[n]], cache, n + 1)
+        assert rel_max_error(logits[0], expected[n]) < 1e-4, f"step {n}"
     # a second prefill chunk on top of a cache (positions continue, mask offset)
-    logits, cache = gen._forward("prefill_all", ids[:6], gen.new_cache(), 6)
-    logits, cache = gen._forward("prefill_all", ids[6:], cache, len(ids))
-    assert rel_max_error(logits.numpy().reshape(len(ids) - 6, -1), expected[6:]) < 1e-4
+    logits, cache = gen.forward("prefill_all", ids[:6], gen.new_cache(), 6)
+    logits, cache = gen.forward("prefill_all", ids[6:], cache, len(ids))
+    assert rel_max_error(logits, expected[6:]) < 1e-4
 
 
 @pytest.mark.parametrize("name", ["tiny", "wide"])

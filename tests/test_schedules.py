@@ -1,0 +1,50 @@
+"""Default schedules change how kernels run, never what they compute: each scheduled kernel against itself
+unscheduled, on random inputs, with dynamic lengths that do not divide the tiles."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tvm
+
+from gptj_tvm.frontend.config import PRESETS
+from gptj_tvm.ir import pipeline
+from gptj_tvm.schedules.cpu_matmul import CPUMatmul
+from gptj_tvm.targets.compile import export_model
+from gptj_tvm.targets.llvm import host_target
+
+
+def kernels(dtype: str):
+    target = host_target()
+    mod, _ = export_model(PRESETS["tiny"], dtype)
+    mod = pipeline.optimize(mod, target)
+    return target, [(gv.name_hint, f.with_attr("global_symbol", "main")) for gv, f in mod.functions.items()
+                    if isinstance(f, tvm.tirx.PrimFunc)]
+
+
+def run(func, target, inputs):
+    with target:
+        lib = tvm.tirx.build(tvm.IRModule({"main": func}), target=target)
+    args = [tvm.runtime.tensor(x) for x in inputs]
+    lib["main"](*args)
+    return args[-1].numpy().astype(np.float32)
+
+
+@pytest.mark.parametrize("length", [3, 5])
+def test_matmul_rule_keeps_results(length):
+    target, funcs = kernels("float32")
+    rule = CPUMatmul()
+    scheduled = 0
+    for name, func in funcs:
+        sch = rule.apply(func, target, False)
+        if sch is None:
+            continue
+        shapes = [([int(s) if isinstance(s, tvm.tirx.IntImm) else length for s in p.ty.shape], str(p.ty.dtype))
+                  for p in func.params]
+        rng = np.random.default_rng(0)
+        inputs = [rng.standard_normal(shape).astype(dtype) for shape, dtype in shapes]
+        expected = run(func, target, inputs)
+        actual = run(sch.mod["main"], target, inputs)
+        np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5, err_msg=name)
+        scheduled += 1
+    assert scheduled >= 8  # every projection of prefill and decode, the lm_head

@@ -11,17 +11,17 @@ import dataclasses
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from safetensors.numpy import save_file
 
 from gptj_tvm.errors import GptjError
 
+from gptj_tvm.files import staging_dir
+
 from .config import PRESETS, GPTJConfig
-from .weights import NUMPY_DTYPES, hf_name_map
+from .weights import NUMPY_DTYPES, hf_name_map, write_shards
 
 def packaged_tokenizer_dir() -> Path:
     """The GPT-2 tokenizer files shipped with the package (encoder.json, vocab.bpe)."""
@@ -60,59 +60,29 @@ def random_tensor(hf_name: str, shape: tuple[int, ...], seed: int) -> np.ndarray
 
 
 def write_random_checkpoint(out_dir: Path, config: GPTJConfig, seed: int = 0, shard_bytes: int = 2 << 30,
-                            on_tensor: Callable[[str, int], None] | None = None) -> None:
+                            on_tensor: Callable[[str], None] | None = None) -> None:
     """Writes config.json, model.safetensors (or shards + index) and the tokenizer files into out_dir."""
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise GptjError(f"{out_dir}: exists and is not empty")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        np_dtype = NUMPY_DTYPES[config.torch_dtype]
-        weight_map: dict[str, str] = {}
-        pending: dict[str, np.ndarray] = {}
-        size = 0
-        total = 0
-        shard_files: list[str] = []
-
-        def flush():
-            nonlocal pending, size
-            if pending:
-                name = f"model-{len(shard_files) + 1:05d}.safetensors"
-                save_file(pending, str(tmp / name), metadata={"format": "pt"})
-                shard_files.append(name)
-                for key in pending:
-                    weight_map[key] = name
-            pending, size = {}, 0
-
-        for src in hf_name_map(config).values():
-            tensor = random_tensor(src.hf_name, src.hf_shape, seed).astype(np_dtype)
-            if size and size + tensor.nbytes > shard_bytes:
-                flush()
-            pending[src.hf_name] = tensor
-            size += tensor.nbytes
-            total += tensor.nbytes
-            if on_tensor:
-                on_tensor(src.hf_name, tensor.nbytes)
-        flush()
-        if len(shard_files) == 1:
-            os.replace(tmp / shard_files[0], tmp / "model.safetensors")
+    np_dtype = NUMPY_DTYPES[config.torch_dtype]
+    sources = hf_name_map(config).values()
+    tensors = ((src.hf_name, random_tensor(src.hf_name, src.hf_shape, seed).astype(np_dtype)) for src in sources)
+    with staging_dir(out_dir) as tmp:
+        shards = write_shards(tensors, tmp, shard_bytes, pattern="shard-{:05d}.safetensors",
+                              metadata={"format": "pt"}, on_tensor=on_tensor)
+        if len(shards) == 1:
+            os.replace(tmp / next(iter(shards)), tmp / "model.safetensors")
         else:
-            final = {}
-            for i, name in enumerate(shard_files):
-                new = f"model-{i + 1:05d}-of-{len(shard_files):05d}.safetensors"
-                os.replace(tmp / name, tmp / new)
-                final[name] = new
-            index = {"metadata": {"total_size": total},
-                     "weight_map": {k: final[v] for k, v in sorted(weight_map.items())}}
+            weight_map = {}
+            for i, (name, names) in enumerate(shards.items()):
+                final = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                os.replace(tmp / name, tmp / final)
+                weight_map.update(dict.fromkeys(names, final))
+            total = sum((tmp / f).stat().st_size for f in set(weight_map.values()))
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         (tmp / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2))
         tokenizer = packaged_tokenizer_dir()
         shutil.copyfile(tokenizer / "encoder.json", tmp / "vocab.json")
         shutil.copyfile(tokenizer / "vocab.bpe", tmp / "merges.txt")
-        if out_dir.exists():
-            out_dir.rmdir()
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

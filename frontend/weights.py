@@ -129,18 +129,20 @@ class Checkpoint:
 
 
 def write_shards(tensors: Iterator[tuple[str, np.ndarray]], out_dir: Path, shard_bytes: int = SHARD_BYTES,
-                 on_tensor: Callable[[str], None] | None = None) -> list[str]:
-    """Write tensors to params-00000.safetensors, params-00001.safetensors, ... each at most about shard_bytes."""
-    files: list[str] = []
+                 pattern: str = "params-{:05d}.safetensors", metadata: dict | None = None,
+                 on_tensor: Callable[[str], None] | None = None) -> dict[str, list[str]]:
+    """Write tensors into files named by pattern (0, 1, ...), each at most about shard_bytes; holds one shard in
+    memory at a time. Returns {file name: names of the tensors in it}, in order."""
+    files: dict[str, list[str]] = {}
     pending: dict[str, np.ndarray] = {}
     size = 0
 
     def flush():
         nonlocal pending, size
         if pending:
-            name = f"params-{len(files):05d}.safetensors"
-            save_file(pending, str(Path(out_dir) / name))
-            files.append(name)
+            name = pattern.format(len(files))
+            save_file(pending, str(Path(out_dir) / name), metadata=metadata)
+            files[name] = list(pending)
         pending, size = {}, 0
 
     for name, tensor in tensors:

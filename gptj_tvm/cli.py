@@ -29,7 +29,7 @@ def cmd_init_random(args) -> int:
     with tqdm(total=len(hf_name_map(config)), desc="write random checkpoint", unit="tensor",
               disable=args.quiet) as bar:
         write_random_checkpoint(Path(args.dir), config, seed=args.seed, shard_bytes=args.shard_mb << 20,
-                                on_tensor=lambda _name, _bytes: bar.update())
+                                on_tensor=lambda _name: bar.update())
     if not args.quiet:
         print(f"wrote a random GPT-J ({config.n_layer} layers, d {config.n_embd}, {config.torch_dtype}) "
               f"to {args.dir}")

@@ -6,20 +6,15 @@
       params-0000N.safetensors the converted weights, in the compile dtype and the kernels' layout
       vocab.json, merges.txt   the GPT-2 byte-level BPE tokenizer
 
-A compile writes into a temporary sibling folder and renames it into place at the end, so an interrupted
-compile leaves nothing that looks like an artifact.
+A compile writes into a temporary sibling folder (gptj_tvm.files.staging_dir) and renames it into place at
+the end, so an interrupted compile leaves nothing that looks like an artifact.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from gptj_tvm.errors import GptjError
 from gptj_tvm.targets.host import isa_features
@@ -38,26 +33,11 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-@contextmanager
-def staging_dir(out_dir: Path) -> Iterator[Path]:
-    """A temporary folder beside out_dir that becomes out_dir only if the block completes."""
-    out_dir = Path(out_dir).resolve()
+def check_replaceable(out_dir: Path) -> None:
+    """An existing artifact may be replaced by a new compile; any other non-empty folder may not."""
+    out_dir = Path(out_dir)
     if out_dir.exists() and not (out_dir / METADATA).is_file() and any(out_dir.iterdir()):
         raise GptjError(f"{out_dir}: exists and is not an artifact; refusing to overwrite it")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial.", dir=out_dir.parent))
-    try:
-        yield tmp
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
-            os.replace(out_dir, old / "artifact")
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def write_metadata(folder: Path, *, config: dict, dtype: str, target: dict, device: str, tvm_version: str,

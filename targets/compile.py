@@ -16,6 +16,7 @@ import tvm
 from tqdm import tqdm
 
 from gptj_tvm.errors import GptjError
+from gptj_tvm.files import staging_dir
 from gptj_tvm.frontend.config import DTYPES, GPTJConfig
 from gptj_tvm.frontend.random_checkpoint import packaged_tokenizer_dir
 from gptj_tvm.frontend.weights import Checkpoint, write_shards
@@ -65,7 +66,8 @@ def compile_model(model_dir, out_dir, target: str = "llvm", dtype: str | None = 
     checkpoint = Checkpoint(model_dir, config)  # checks every name and shape before any long work
     vocab, merges = tokenizer_files(model_dir)
     timings = {}
-    with artifact.staging_dir(out_dir) as staging:
+    artifact.check_replaceable(out_dir)
+    with staging_dir(out_dir) as staging:
         start = time.perf_counter()
         with tqdm(total=1, desc="compile library", disable=not progress, leave=False) as bar:
             params = build_library(config, dtype, tvm_target, staging / artifact.LIBRARY)
@@ -80,6 +82,6 @@ def compile_model(model_dir, out_dir, target: str = "llvm", dtype: str | None = 
         meta = artifact.write_metadata(
             staging, config=config.to_dict(), dtype=dtype, target=json.loads(str(tvm_target)),
             device="cpu" if tvm_target.kind.name == "llvm" else tvm_target.kind.name,
-            tvm_version=tvm.__version__, params=params, weight_files=files,
+            tvm_version=tvm.__version__, params=params, weight_files=list(files),
             functions=["prefill", "prefill_all", "decode"], extra={"compile_timings": timings})
     return meta

@@ -4,21 +4,22 @@ Weights are stored in the layout the kernels read (see `weights.py` for the map 
 every linear weight is [in_features, out_features], so `y = x @ W + b` runs with no transpose. Half-precision
 models keep LayerNorm statistics, rotary angles, softmax and matmul accumulation in float32.
 
-Exported functions (each takes the packed weights and the KV caches, and returns logits and the caches):
-    prefill(input_ids[1, n], total_len)       logits of the last position, [1, 1, padded_vocab] float32
-    prefill_all(input_ids[1, n], total_len)   logits of every position, [1, n, padded_vocab] float32
-    decode(input_ids[1, 1], total_len)        one new token, [1, 1, padded_vocab] float32
-`total_len` is the number of tokens in the cache after this call (past + n). The logits of the padded
+Exported functions (each also takes the packed weights last):
+    prefill(input_ids[1, n], caches, total_len)       logits of the last position, [1, 1, padded_vocab] float32
+    prefill_all(input_ids[1, n], caches, total_len)   logits of every position, [1, n, padded_vocab] float32
+    decode(input_ids[1, 1], caches, total_len)        one new token, [1, 1, padded_vocab] float32
+`caches` are 2 * n_layer tensors [n_positions, n_head, head_dim] (k, v of each layer) that the functions write
+in place; `total_len` is the number of tokens in them after the call (past + n). The logits of the padded
 columns (config.padded_vocab_size - vocab_size) are meaningless; the runtime drops them.
 """
 
 from __future__ import annotations
 
-import numpy as np
 from tvm import relax, te, tirx
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 
+from . import kernels
 from .config import GELU_NEW_COEFF, GELU_NEW_SCALE, GPTJConfig
 
 F32 = "float32"
@@ -68,41 +69,6 @@ def gelu_new(x: nn.Tensor) -> nn.Tensor:
     return 0.5 * x * (1.0 + op.tanh(GELU_NEW_SCALE * (x + GELU_NEW_COEFF * x * x * x)))
 
 
-def apply_rotary(x: nn.Tensor, cos: nn.Tensor, sin: nn.Tensor, total: tirx.PrimExpr, rotary_dim: int):
-    """GPT-J's interleaved rotary ("rotate every two") on the first rotary_dim dims of each head of
-    x [1, n, heads, head_dim], at positions total - n .. total - 1, computed in float32."""
-
-    def compute(x: te.Tensor, cos: te.Tensor, sin: te.Tensor, total: tirx.PrimExpr):
-        def element(b, t, h, d):
-            pos = t + total - x.shape[1]
-            pair = d // 2
-            c = cos[pos, pair]
-            s = sin[pos, pair]
-            here = x[b, t, h, d].astype(F32)
-            partner = x[b, t, h, tirx.if_then_else(d % 2 == 0, d + 1, d - 1)].astype(F32)
-            signed = tirx.if_then_else(d % 2 == 0, -partner, partner)
-            rotated = (here * c + signed * s).astype(x.dtype)
-            return tirx.if_then_else(d < rotary_dim, rotated, x[b, t, h, d])
-
-        return te.compute(x.shape, element, name="rotary")
-
-    return op.tensor_expr_op(compute, "rotary", [x, cos, sin, total])
-
-
-def causal_mask(n: tirx.PrimExpr, total: tirx.PrimExpr) -> nn.Tensor:
-    """[1, 1, n, total] float32: 0 where query i (at position total - n + i) may see key j, else -inf."""
-
-    def compute(n: tirx.PrimExpr, total: tirx.PrimExpr):
-        return te.compute(
-            (1, 1, n, total),
-            lambda _b, _h, i, j: tirx.if_then_else(j <= i + (total - n), tirx.const(0.0, F32),
-                                                   tirx.min_value(F32)),
-            name="causal_mask",
-        )
-
-    return op.tensor_expr_op(compute, "causal_mask", [n, total])
-
-
 def last_position(h: nn.Tensor) -> nn.Tensor:
     """[1, n, d] -> [1, 1, d]: only the last position's logits are needed to generate."""
 
@@ -112,6 +78,38 @@ def last_position(h: nn.Tensor) -> nn.Tensor:
     return op.tensor_expr_op(compute, "last_position", [h])
 
 
+class Cache:
+    """One layer's key and value caches, [n_positions, n_head, head_dim] each, updated in place."""
+
+    def __init__(self, keys: nn.Tensor, values: nn.Tensor):
+        self.keys, self.values = keys, values
+
+
+def rotary_append(config: GPTJConfig, dtype: str, qkv: nn.Tensor, rotary: "Rotary", cache: Cache,
+                  total: tirx.PrimExpr, ffn_offset: int | None) -> tuple[nn.Tensor, nn.Tensor]:
+    """Rotates q and k, appends k and v to the cache (one kernel); with ffn_offset, also gelu_new of the FFN
+    columns into out[:, :, d:]. Returns q and out [1, n, d (+ d_ff)]."""
+    _, n, width = qkv.shape
+    out_width = config.n_embd + (config.d_ff if ffn_offset is not None else 0)
+    keys, values, q, out = op.tensor_ir_inplace_op(
+        kernels.rotary_append(config, dtype, int(width), ffn_offset), "rotary_append",
+        [qkv, rotary.cos, rotary.sin, cache.keys, cache.values, total],
+        [3, 4, -1, -1],
+        [nn.Tensor.placeholder([config.n_positions, config.n_head, config.head_dim], dtype)] * 2
+        + [nn.Tensor.placeholder([1, n, config.n_head, config.head_dim], dtype),
+           nn.Tensor.placeholder([1, n, out_width], dtype)])
+    cache.keys, cache.values = keys, values
+    return q, out
+
+
+def attention(config: GPTJConfig, dtype: str, q: nn.Tensor, cache: Cache, out: nn.Tensor,
+              total: tirx.PrimExpr) -> nn.Tensor:
+    """Causal attention of q over the cache, written into out[:, :, :n_embd] (in place)."""
+    return op.tensor_ir_inplace_op(
+        kernels.attention(config, dtype, int(out.shape[2])), "attention",
+        [q, cache.keys, cache.values, out, total], [3], nn.Tensor.placeholder(out.shape, dtype))
+
+
 class Attention(nn.Module):
     def __init__(self, config: GPTJConfig, dtype: str):
         d = config.n_embd
@@ -119,29 +117,14 @@ class Attention(nn.Module):
         self.k_proj = Linear(d, d, dtype, bias=False)
         self.v_proj = Linear(d, d, dtype, bias=False)
         self.out_proj = Linear(d, d, dtype, bias=False)
-        self.k_cache = nn.KVCache(config.n_positions, [config.n_head, config.head_dim], dtype)
-        self.v_cache = nn.KVCache(config.n_positions, [config.n_head, config.head_dim], dtype)
         self.config = config
         self.dtype = dtype
 
-    def forward(self, x: nn.Tensor, cos: nn.Tensor, sin: nn.Tensor, total: tirx.PrimExpr):
-        c = self.config
-        _, n, _ = x.shape
-        heads = (1, n, c.n_head, c.head_dim)
-        q = apply_rotary(op.reshape(self.q_proj(x), heads), cos, sin, total, c.rotary_dim)
-        k = apply_rotary(op.reshape(self.k_proj(x), heads), cos, sin, total, c.rotary_dim)
-        v = op.reshape(self.v_proj(x), heads)
-        self.k_cache.append(op.squeeze(k, axis=0))
-        self.v_cache.append(op.squeeze(v, axis=0))
-        keys = op.reshape(self.k_cache.view(total), (1, total, c.n_head, c.head_dim))
-        values = op.reshape(self.v_cache.view(total), (1, total, c.n_head, c.head_dim))
-
-        scores = op.matmul(op.permute_dims(q, [0, 2, 1, 3]), op.permute_dims(keys, [0, 2, 3, 1]), out_dtype=F32)
-        scores = scores * (1.0 / float(np.sqrt(np.float32(c.head_dim)))) + causal_mask(n, total)
-        probs = op.astype(op.softmax(scores, axis=-1), self.dtype)
-        out = op.matmul(probs, op.permute_dims(values, [0, 2, 1, 3]), out_dtype=F32)
-        out = op.reshape(op.permute_dims(op.astype(out, self.dtype), [0, 2, 1, 3]), (1, n, c.n_embd))
-        return self.out_proj(out)
+    def forward(self, x: nn.Tensor, rotary: "Rotary", cache: Cache, total: tirx.PrimExpr):
+        qkv = op.concat([self.q_proj.forward_f32(x), self.k_proj.forward_f32(x), self.v_proj.forward_f32(x)],
+                        dim=2)
+        q, out = rotary_append(self.config, self.dtype, qkv, rotary, cache, total, ffn_offset=None)
+        return self.out_proj(attention(self.config, self.dtype, q, cache, out, total))
 
 
 class MLP(nn.Module):
@@ -157,16 +140,41 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """The parallel residual: h + Attn(LN(h)) + FFN(LN(h)), one LayerNorm."""
+    """The plain parallel residual: h + Attn(LN(h)) + FFN(LN(h)), one LayerNorm, separate projections."""
 
     def __init__(self, config: GPTJConfig, dtype: str):
         self.ln_1 = LayerNorm(config.n_embd, config.layer_norm_epsilon, dtype)
         self.attn = Attention(config, dtype)
         self.mlp = MLP(config, dtype)
 
-    def forward(self, h: nn.Tensor, cos: nn.Tensor, sin: nn.Tensor, total: tirx.PrimExpr) -> nn.Tensor:
+    def forward(self, h: nn.Tensor, rotary: "Rotary", cache: Cache, total: tirx.PrimExpr) -> nn.Tensor:
         x = self.ln_1(h)
-        return self.attn(x, cos, sin, total) + self.mlp(x) + h
+        return self.attn(x, rotary, cache, total) + self.mlp(x) + h
+
+
+class FusedBlock(nn.Module):
+    """The same block with its projections merged (weights.py lays them out):
+        x = LN(h);  [q|k|v|f] = x W_in + b_in;  y = h + [Attn(rope(q), rope(k), v) | gelu_new(f)] W_out + b_out
+    Five kernels: LayerNorm, the W_in GEMM (+ bias), rotary + cache append + gelu_new, attention, and the W_out
+    GEMM (+ bias + residual)."""
+
+    def __init__(self, config: GPTJConfig, dtype: str):
+        d, ff = config.n_embd, config.d_ff
+        self.ln_1 = LayerNorm(d, config.layer_norm_epsilon, dtype)
+        self.w_in = Linear(d, 3 * d + ff, dtype, bias=True)
+        self.w_out = Linear(d + ff, d, dtype, bias=True)
+        self.config = config
+        self.dtype = dtype
+
+    def forward(self, h: nn.Tensor, rotary: "Rotary", cache: Cache, total: tirx.PrimExpr) -> nn.Tensor:
+        c = self.config
+        qkvf = self.w_in.forward_f32(self.ln_1(h))
+        q, attn_ffn = rotary_append(c, self.dtype, qkvf, rotary, cache, total, ffn_offset=3 * c.n_embd)
+        attn_ffn = attention(c, self.dtype, q, cache, attn_ffn, total)
+        y = self.w_out.forward_f32(attn_ffn)
+        if self.dtype == F32:
+            return y + h
+        return op.astype(y + op.astype(h, F32), self.dtype)
 
 
 class Rotary(nn.Module):
@@ -176,40 +184,43 @@ class Rotary(nn.Module):
 
 
 class GPTJ(nn.Module):
-    def __init__(self, config: GPTJConfig, dtype: str):
+    def __init__(self, config: GPTJConfig, dtype: str, fuse_block: bool = True):
         self.config = config
         self.dtype = dtype
         self.wte = nn.Parameter((config.vocab_size, config.n_embd), dtype)
         self.rotary = Rotary(config)
-        self.h = nn.ModuleList([Block(config, dtype) for _ in range(config.n_layer)])
+        block = FusedBlock if fuse_block else Block
+        self.h = nn.ModuleList([block(config, dtype) for _ in range(config.n_layer)])
         self.ln_f = LayerNorm(config.n_embd, config.layer_norm_epsilon, dtype)
         self.lm_head = Linear(config.n_embd, config.padded_vocab_size, dtype, bias=True)  # zero-padded columns
 
-    def _hidden(self, input_ids: nn.Tensor, total: tirx.PrimExpr) -> nn.Tensor:
+    def _hidden(self, input_ids: nn.Tensor, caches, total: tirx.PrimExpr) -> nn.Tensor:
         h = op.reshape(embed(self.wte, op.reshape(input_ids, (-1,))), (1, input_ids.shape[1], -1))
-        for block in self.h:
-            h = block(h, self.rotary.cos, self.rotary.sin, total)
+        for i, block in enumerate(self.h):
+            h = block(h, self.rotary, Cache(caches[2 * i], caches[2 * i + 1]), total)
         return self.ln_f(h)
 
     def _logits(self, h: nn.Tensor) -> nn.Tensor:
         logits = self.lm_head(h)
         return logits if self.dtype == F32 else op.astype(logits, F32)
 
-    def prefill(self, input_ids: nn.Tensor, total_len: tirx.Var):
-        h = self._hidden(input_ids, total_len)
-        return self._logits(last_position(h))
+    def prefill(self, input_ids: nn.Tensor, caches, total_len: tirx.Var):
+        return self._logits(last_position(self._hidden(input_ids, caches, total_len)))
 
-    def prefill_all(self, input_ids: nn.Tensor, total_len: tirx.Var):
-        return self._logits(self._hidden(input_ids, total_len))
+    def prefill_all(self, input_ids: nn.Tensor, caches, total_len: tirx.Var):
+        return self._logits(self._hidden(input_ids, caches, total_len))
 
-    def decode(self, input_ids: nn.Tensor, total_len: tirx.Var):
-        return self._logits(self._hidden(input_ids, total_len))
+    def decode(self, input_ids: nn.Tensor, caches, total_len: tirx.Var):
+        return self._logits(self._hidden(input_ids, caches, total_len))
 
     def get_default_spec(self):
-        ids = lambda n: nn.spec.Tensor([1, n], "int32")  # noqa: E731
-        modes = {"param_mode": "packed", "effect_mode": "packed"}
-        return nn.spec.ModuleSpec.from_raw({
-            "prefill": {"input_ids": ids("seq_len"), "total_len": int, "$": modes},
-            "prefill_all": {"input_ids": ids("seq_len"), "total_len": int, "$": modes},
-            "decode": {"input_ids": ids(1), "total_len": int, "$": modes},
-        }, self)
+        c = self.config
+        cache = nn.spec.Tensor([c.n_positions, c.n_head, c.head_dim], self.dtype)
+        caches = [cache] * (2 * c.n_layer)
+        modes = {"param_mode": "packed", "effect_mode": "none"}
+
+        def method(n):
+            return {"input_ids": nn.spec.Tensor([1, n], "int32"), "caches": caches, "total_len": int, "$": modes}
+
+        return nn.spec.ModuleSpec.from_raw(
+            {"prefill": method("seq_len"), "prefill_all": method("seq_len"), "decode": method(1)}, self)

@@ -21,7 +21,7 @@ from gptj_tvm.errors import GptjError
 from gptj_tvm.files import staging_dir
 
 from .config import PRESETS, GPTJConfig
-from .weights import NUMPY_DTYPES, hf_name_map, write_shards
+from .weights import NUMPY_DTYPES, hf_tensors, write_shards
 
 def packaged_tokenizer_dir() -> Path:
     """The GPT-2 tokenizer files shipped with the package (encoder.json, vocab.bpe)."""
@@ -66,8 +66,7 @@ def write_random_checkpoint(out_dir: Path, config: GPTJConfig, seed: int = 0, sh
     if out_dir.exists() and any(out_dir.iterdir()):
         raise GptjError(f"{out_dir}: exists and is not empty")
     np_dtype = NUMPY_DTYPES[config.torch_dtype]
-    sources = hf_name_map(config).values()
-    tensors = ((src.hf_name, random_tensor(src.hf_name, src.hf_shape, seed).astype(np_dtype)) for src in sources)
+    tensors = ((name, random_tensor(name, shape, seed).astype(np_dtype)) for name, shape in hf_tensors(config).items())
     with staging_dir(out_dir) as tmp:
         shards = write_shards(tensors, tmp, shard_bytes, pattern="shard-{:05d}.safetensors",
                               metadata={"format": "pt"}, on_tensor=on_tensor)

@@ -29,33 +29,72 @@ SHARD_BYTES = 2 << 30
 
 
 @dataclass(frozen=True)
-class Source:
-    hf_name: str
+class Part:
+    hf_name: str | None  # None: zeros of hf_shape
     hf_shape: tuple[int, ...]
-    transpose: bool = False
-    pad_last_to: int | None = None  # zero columns appended after the transpose
+    transpose: bool = False  # HF linear weights are [out, in]; ours are [in, out]
 
 
-def hf_name_map(config: GPTJConfig) -> dict[str, Source]:
-    """Our tensor name -> its Hugging Face source, in the order the model declares its parameters."""
+@dataclass(frozen=True)
+class Source:
+    """One of our tensors: its HF parts (transposed as marked), concatenated along axis, then zero-padded."""
+    parts: tuple[Part, ...]
+    axis: int = 0
+    pad_last_to: int | None = None
+
+
+def _one(hf_name: str, shape: tuple[int, ...], transpose: bool = False, pad_last_to: int | None = None) -> Source:
+    return Source((Part(hf_name, shape, transpose),), pad_last_to=pad_last_to)
+
+
+def hf_name_map(config: GPTJConfig, fuse_block: bool = True) -> dict[str, Source]:
+    """Our tensor name -> its Hugging Face sources, in the order the model declares its parameters.
+
+    fuse_block merges each block's projections: w_in = [q | k | v | fc_in] ([d, 3d + d_ff], bias zero for q, k,
+    v) and w_out = [out_proj ; fc_out] ([d + d_ff, d]), so the block reads its input once per GEMM."""
     d, ff, vocab = config.n_embd, config.d_ff, config.vocab_size
-    names: dict[str, Source] = {"wte": Source("transformer.wte.weight", (vocab, d))}
+    names: dict[str, Source] = {"wte": _one("transformer.wte.weight", (vocab, d))}
     for i in range(config.n_layer):
         hf, ours = f"transformer.h.{i}", f"h.{i}"
-        names[f"{ours}.ln_1.weight"] = Source(f"{hf}.ln_1.weight", (d,))
-        names[f"{ours}.ln_1.bias"] = Source(f"{hf}.ln_1.bias", (d,))
-        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            names[f"{ours}.attn.{proj}.weight"] = Source(f"{hf}.attn.{proj}.weight", (d, d), transpose=True)
-        names[f"{ours}.mlp.fc_in.weight"] = Source(f"{hf}.mlp.fc_in.weight", (ff, d), transpose=True)
-        names[f"{ours}.mlp.fc_in.bias"] = Source(f"{hf}.mlp.fc_in.bias", (ff,))
-        names[f"{ours}.mlp.fc_out.weight"] = Source(f"{hf}.mlp.fc_out.weight", (d, ff), transpose=True)
-        names[f"{ours}.mlp.fc_out.bias"] = Source(f"{hf}.mlp.fc_out.bias", (d,))
-    names["ln_f.weight"] = Source("transformer.ln_f.weight", (d,))
-    names["ln_f.bias"] = Source("transformer.ln_f.bias", (d,))
+        names[f"{ours}.ln_1.weight"] = _one(f"{hf}.ln_1.weight", (d,))
+        names[f"{ours}.ln_1.bias"] = _one(f"{hf}.ln_1.bias", (d,))
+        proj = {p: Part(f"{hf}.attn.{p}.weight", (d, d), transpose=True)
+                for p in ("q_proj", "k_proj", "v_proj", "out_proj")}
+        fc_in = Part(f"{hf}.mlp.fc_in.weight", (ff, d), transpose=True)
+        fc_in_bias = Part(f"{hf}.mlp.fc_in.bias", (ff,))
+        fc_out = Part(f"{hf}.mlp.fc_out.weight", (d, ff), transpose=True)
+        fc_out_bias = _one(f"{hf}.mlp.fc_out.bias", (d,))
+        if fuse_block:
+            names[f"{ours}.w_in.weight"] = Source((proj["q_proj"], proj["k_proj"], proj["v_proj"], fc_in), axis=1)
+            names[f"{ours}.w_in.bias"] = Source((Part(None, (3 * d,)), fc_in_bias))
+            names[f"{ours}.w_out.weight"] = Source((proj["out_proj"], fc_out), axis=0)
+            names[f"{ours}.w_out.bias"] = fc_out_bias
+        else:
+            for p, part in proj.items():
+                names[f"{ours}.attn.{p}.weight"] = Source((part,))
+            names[f"{ours}.mlp.fc_in.weight"] = Source((fc_in,))
+            names[f"{ours}.mlp.fc_in.bias"] = Source((fc_in_bias,))
+            names[f"{ours}.mlp.fc_out.weight"] = Source((fc_out,))
+            names[f"{ours}.mlp.fc_out.bias"] = fc_out_bias
+    names["ln_f.weight"] = _one("transformer.ln_f.weight", (d,))
+    names["ln_f.bias"] = _one("transformer.ln_f.bias", (d,))
     padded = config.padded_vocab_size
-    names["lm_head.weight"] = Source("lm_head.weight", (vocab, d), transpose=True, pad_last_to=padded)
-    names["lm_head.bias"] = Source("lm_head.bias", (vocab,), pad_last_to=padded)
+    names["lm_head.weight"] = _one("lm_head.weight", (vocab, d), transpose=True, pad_last_to=padded)
+    names["lm_head.bias"] = _one("lm_head.bias", (vocab,), pad_last_to=padded)
     return names
+
+
+def hf_tensors(config: GPTJConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor a GPT-J checkpoint for config holds (HF name -> shape), in the plain layout's order."""
+    return {part.hf_name: part.hf_shape for src in hf_name_map(config, fuse_block=False).values()
+            for part in src.parts}
+
+
+def _transposed(tensor: np.ndarray) -> np.ndarray:
+    # numpy copies native 2-byte types much faster than ml_dtypes' bfloat16: move the bits as uint16
+    if tensor.dtype.itemsize == 2:
+        return np.ascontiguousarray(tensor.view(np.uint16).T).view(tensor.dtype)
+    return np.ascontiguousarray(tensor.T)
 
 
 def checkpoint_files(model_dir: Path) -> list[Path]:
@@ -83,7 +122,6 @@ class Checkpoint:
 
     def __init__(self, model_dir: Path, config: GPTJConfig):
         self.config = config
-        self.sources = hf_name_map(config)
         self.location: dict[str, Path] = {}
         shapes: dict[str, tuple[int, ...]] = {}
         for path in checkpoint_files(model_dir):
@@ -94,7 +132,7 @@ class Checkpoint:
                         shapes[name] = tuple(f.get_slice(name).get_shape())
             except (SafetensorError, OSError, ValueError) as err:
                 raise GptjError(f"{path}: not a readable safetensors file ({err})") from None
-        expected = {src.hf_name: src.hf_shape for src in self.sources.values()}
+        expected = hf_tensors(config)
         for name, shape in expected.items():
             if name not in shapes:
                 raise GptjError(f"{model_dir}: tensor {name} is missing (config has n_layer={config.n_layer})")
@@ -113,19 +151,25 @@ class Checkpoint:
         except (SafetensorError, OSError, ValueError) as err:
             raise GptjError(f"{path}: cannot read tensor {hf_name} ({err})") from None
 
-    def converted(self, dtype: str) -> Iterator[tuple[str, np.ndarray]]:
+    def converted(self, dtype: str, fuse_block: bool = True) -> Iterator[tuple[str, np.ndarray]]:
         """Our tensors in our layout and `dtype`, one at a time; the rotary tables (float32) come first."""
         cos, sin = rotary_tables(self.config)
         yield "rotary.cos", cos
         yield "rotary.sin", sin
         target = NUMPY_DTYPES[dtype]
-        for ours, src in self.sources.items():
-            tensor = self.read(src.hf_name)
-            tensor = tensor.T if src.transpose else tensor
+        for ours, src in hf_name_map(self.config, fuse_block).items():
+            pieces = []
+            for part in src.parts:
+                if part.hf_name is None:
+                    pieces.append(np.zeros(part.hf_shape, dtype=target))
+                    continue
+                tensor = self.read(part.hf_name).astype(target, copy=False)
+                pieces.append(_transposed(tensor) if part.transpose else tensor)
+            tensor = pieces[0] if len(pieces) == 1 else np.concatenate(pieces, axis=src.axis)
             if src.pad_last_to is not None and src.pad_last_to > tensor.shape[-1]:
                 padding = [(0, 0)] * (tensor.ndim - 1) + [(0, src.pad_last_to - tensor.shape[-1])]
                 tensor = np.pad(tensor, padding)
-            yield ours, np.ascontiguousarray(tensor.astype(target, copy=False))
+            yield ours, np.ascontiguousarray(tensor)
 
 
 def write_shards(tensors: Iterator[tuple[str, np.ndarray]], out_dir: Path, shard_bytes: int = SHARD_BYTES,

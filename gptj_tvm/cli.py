@@ -23,10 +23,10 @@ def cmd_init_random(args) -> int:
     from tqdm import tqdm  # noqa: PLC0415
 
     from .frontend.random_checkpoint import make_config, write_random_checkpoint  # noqa: PLC0415
-    from .frontend.weights import hf_name_map  # noqa: PLC0415
+    from .frontend.weights import hf_tensors  # noqa: PLC0415
 
     config = make_config(args.preset, args.layers, args.dtype)
-    with tqdm(total=len(hf_name_map(config)), desc="write random checkpoint", unit="tensor",
+    with tqdm(total=len(hf_tensors(config)), desc="write random checkpoint", unit="tensor",
               disable=args.quiet) as bar:
         write_random_checkpoint(Path(args.dir), config, seed=args.seed, shard_bytes=args.shard_mb << 20,
                                 on_tensor=lambda _name: bar.update())
@@ -40,7 +40,7 @@ def cmd_compile(args) -> int:
     from .targets.compile import compile_model  # noqa: PLC0415
 
     meta = compile_model(args.model_dir, args.output, target=args.target, dtype=args.dtype,
-                         progress=not args.quiet)
+                         fuse_block=not args.no_fuse_block, progress=not args.quiet)
     if not args.quiet:
         timings = meta["compile_timings"]
         print(f"compiled {args.model_dir} -> {args.output} ({meta['dtype']}, {meta['target']['kind']} "
@@ -132,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="artifact folder to write")
     p.add_argument("--target", default="llvm", help="llvm (this host's CPU; default)")
     p.add_argument("--dtype", help="float32, float16 or bfloat16 (default: the checkpoint's)")
+    p.add_argument("--no-fuse-block", action="store_true",
+                   help="keep each block's projections separate (the plain graph, for comparison and debugging)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=cmd_compile)
 

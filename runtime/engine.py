@@ -72,11 +72,17 @@ class Generator:
         """Run "prefill", "prefill_all" or "decode" on ids appended to cache (which then holds total tokens);
         returns float32 logits [positions, vocab_size] and the updated cache."""
         tokens = tvm.runtime.tensor(np.asarray(ids, dtype=np.int32).reshape(1, -1), self.device)
-        logits, cache = self._vm[function](tokens, tvm.runtime.ShapeTuple([total]), cache, self._params)
+        logits = self._vm[function](tokens, cache, tvm.runtime.ShapeTuple([total]), self._params)
         return logits.numpy().reshape(-1, logits.shape[-1])[:, : self.vocab_size], cache
 
     def new_cache(self):
-        return self._vm["_initialize_effect"]()
+        """Key and value caches for every layer, [n_positions, n_head, head_dim]; the compiled functions write
+        them in place. Positions past the current length are never read, so a cache needs no clearing; each
+        sequence gets its own, so a `logits()` call in the middle of a stream leaves the stream's alone."""
+        c = self.config
+        shape = (c["n_positions"], c["n_head"], c["n_embd"] // c["n_head"])
+        return tvm.runtime.convert(
+            [tvm.runtime.empty(shape, self.meta["dtype"], self.device) for _ in range(2 * c["n_layer"])])
 
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         """float32 logits [len(ids), vocab_size] at every position of ids."""

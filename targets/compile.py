@@ -27,18 +27,19 @@ from gptj_tvm.schedules.default import apply_default_schedules
 from .resolve import resolve_target
 
 
-def export_model(config: GPTJConfig, dtype: str):
+def export_model(config: GPTJConfig, dtype: str, fuse_block: bool = True):
     """The Relax module of GPT-J for `config` in `dtype`, and its parameter names in call order."""
     from gptj_tvm.frontend.model import GPTJ  # noqa: PLC0415
 
-    model = GPTJ(config, dtype)
+    model = GPTJ(config, dtype, fuse_block=fuse_block)
     mod, params = model.export_tvm(spec=model.get_default_spec())
     return mod, [name for name, _ in params]
 
 
-def build_library(config: GPTJConfig, dtype: str, target: tvm.target.Target, out_path: Path) -> list[str]:
+def build_library(config: GPTJConfig, dtype: str, target: tvm.target.Target, out_path: Path,
+                  fuse_block: bool = True) -> list[str]:
     """Compile GPT-J for target and export the library to out_path; returns the parameter order."""
-    mod, param_names = export_model(config, dtype)
+    mod, param_names = export_model(config, dtype, fuse_block)
     executable = pipeline.build(mod, target, lambda m: apply_default_schedules(m, target))
     executable.export_library(str(out_path))
     return param_names
@@ -54,7 +55,7 @@ def tokenizer_files(model_dir: Path) -> tuple[Path, Path]:
 
 
 def compile_model(model_dir, out_dir, target: str = "llvm", dtype: str | None = None,
-                  progress: bool = True) -> dict:
+                  fuse_block: bool = True, progress: bool = True) -> dict:
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if not model_dir.is_dir():
         raise GptjError(f"{model_dir}: no such checkpoint folder")
@@ -70,12 +71,12 @@ def compile_model(model_dir, out_dir, target: str = "llvm", dtype: str | None = 
     with staging_dir(out_dir) as staging:
         start = time.perf_counter()
         with tqdm(total=1, desc="compile library", disable=not progress, leave=False) as bar:
-            params = build_library(config, dtype, tvm_target, staging / artifact.LIBRARY)
+            params = build_library(config, dtype, tvm_target, staging / artifact.LIBRARY, fuse_block)
             bar.update()
         timings["library_s"] = time.perf_counter() - start
         start = time.perf_counter()
         with tqdm(total=len(params), desc="convert weights", disable=not progress, leave=False) as bar:
-            files = write_shards(checkpoint.converted(dtype), staging, on_tensor=lambda _: bar.update())
+            files = write_shards(checkpoint.converted(dtype, fuse_block), staging, on_tensor=lambda _: bar.update())
         timings["weights_s"] = time.perf_counter() - start
         shutil.copyfile(vocab, staging / artifact.VOCAB)
         shutil.copyfile(merges, staging / artifact.MERGES)
@@ -83,5 +84,5 @@ def compile_model(model_dir, out_dir, target: str = "llvm", dtype: str | None = 
             staging, config=config.to_dict(), dtype=dtype, target=json.loads(str(tvm_target)),
             device="cpu" if tvm_target.kind.name == "llvm" else tvm_target.kind.name,
             tvm_version=tvm.__version__, params=params, weight_files=list(files),
-            functions=["prefill", "prefill_all", "decode"], extra={"compile_timings": timings})
+            functions=["prefill", "prefill_all", "decode"], extra={"fuse_block": fuse_block, "compile_timings": timings})
     return meta

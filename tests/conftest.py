@@ -49,11 +49,11 @@ def artifact(tmp_path_factory, checkpoint):
 
     cache = {}
 
-    def make(name: str, shard_bytes: int = 2 << 30):
-        key = (name, shard_bytes)
+    def make(name: str, shard_bytes: int = 2 << 30, fuse_block: bool = True):
+        key = (name, shard_bytes, fuse_block)
         if key not in cache:
-            folder = tmp_path_factory.mktemp("artifact") / f"{name}-{shard_bytes}"
-            compile_model(checkpoint(name, shard_bytes), folder, progress=False)
+            folder = tmp_path_factory.mktemp("artifact") / f"{name}-{shard_bytes}-{fuse_block}"
+            compile_model(checkpoint(name, shard_bytes), folder, fuse_block=fuse_block, progress=False)
             cache[key] = folder
         return cache[key]
 
@@ -66,10 +66,10 @@ def generator(artifact):
 
     cache = {}
 
-    def make(name: str, shard_bytes: int = 2 << 30):
-        key = (name, shard_bytes)
+    def make(name: str, shard_bytes: int = 2 << 30, fuse_block: bool = True):
+        key = (name, shard_bytes, fuse_block)
         if key not in cache:
-            cache[key] = gptj_tvm.load(artifact(name, shard_bytes))
+            cache[key] = gptj_tvm.load(artifact(name, shard_bytes, fuse_block))
         return cache[key]
 
     return make

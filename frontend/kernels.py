@@ -1,0 +1,114 @@
+"""GPT-J's attention kernels, written in TIR: rotary + KV-cache append in one kernel, attention in another.
+
+The KV cache is one [n_positions, n_head, head_dim] tensor per layer for keys and one for values, owned by the
+runtime and written in place (`call_tir_inplace`), so a decode step copies nothing but the new token's k and v.
+Both kernels come already scheduled (parallel over the outer loop); the schedule rules leave them alone.
+"""
+
+from __future__ import annotations
+
+from tvm.script import tirx as T
+
+from .config import GELU_NEW_COEFF, GELU_NEW_SCALE, GPTJConfig
+
+HAND_SCHEDULED = {"tirx.is_scheduled": True, "tirx.noalias": True}
+
+
+def rotary_append(config: GPTJConfig, dtype: str, width: int, ffn_offset: int | None):
+    """(qkv [1, n, width] float32, cos, sin, k_cache, v_cache, total) -> (k_cache, v_cache, q, out).
+
+    qkv holds q | k | v (| f) side by side. q and k get GPT-J's interleaved rotary at positions total - n ..
+    total - 1; k and v are written into the caches at those positions, q into q [1, n, n_head, head_dim].
+    With ffn_offset, out[:, :, d:] = gelu_new(qkv[:, :, ffn_offset:]) (the FFN half of the block's W_out input;
+    attention later fills out[:, :, :d])."""
+    H, D, R, P, d = config.n_head, config.head_dim, config.rotary_dim, config.n_positions, config.n_embd
+    ff = config.d_ff
+    out_width = d + ff if ffn_offset is not None else d
+
+    @T.prim_func(private=True, s_tir=True)
+    def kernel(var_qkv: T.handle, cos: T.Buffer((P, R // 2), "float32"), sin: T.Buffer((P, R // 2), "float32"),
+               k_cache: T.Buffer((P, H, D), dtype), v_cache: T.Buffer((P, H, D), dtype), total: T.int64,
+               var_q: T.handle, var_out: T.handle):
+        T.func_attr(HAND_SCHEDULED)
+        n = T.int64()
+        qkv = T.match_buffer(var_qkv, (1, n, width), "float32")
+        q = T.match_buffer(var_q, (1, n, H, D), dtype)
+        out = T.match_buffer(var_out, (1, n, out_width), dtype)
+        for t in T.parallel(n):
+            with T.sblock("rotary_append"):
+                T.reads(qkv[0, t, 0:width], cos[0:P, 0:R // 2], sin[0:P, 0:R // 2])
+                T.writes(q[0, t, 0:H, 0:D], k_cache[0:P, 0:H, 0:D], v_cache[0:P, 0:H, 0:D], out[0, t, 0:out_width])
+                pos: T.let[T.int64] = total - n + t
+                for h, j in T.grid(H, D):
+                    if j < R:
+                        q[0, t, h, j] = T.Cast(dtype, _rotate(qkv, t, h * D, j, cos, sin, pos))
+                        k_cache[pos, h, j] = T.Cast(dtype, _rotate(qkv, t, d + h * D, j, cos, sin, pos))
+                    else:
+                        q[0, t, h, j] = T.Cast(dtype, qkv[0, t, h * D + j])
+                        k_cache[pos, h, j] = T.Cast(dtype, qkv[0, t, d + h * D + j])
+                    v_cache[pos, h, j] = T.Cast(dtype, qkv[0, t, 2 * d + h * D + j])
+                if ffn_offset is not None:
+                    for c in range(ff):
+                        out[0, t, d + c] = T.Cast(dtype, _gelu_new(qkv[0, t, ffn_offset + c]))
+
+    return kernel
+
+
+def _rotate(qkv, t, base, j, cos, sin, pos):
+    x = qkv[0, t, base + j]
+    partner = qkv[0, t, base + T.bitwise_xor(j, 1)]
+    c = cos[pos, T.floordiv(j, 2)]
+    s = sin[pos, T.floordiv(j, 2)]
+    return T.if_then_else(T.floormod(j, 2) == 0, x * c - partner * s, x * c + partner * s)
+
+
+def _gelu_new(x):
+    return T.float32(0.5) * x * (T.float32(1.0) + T.tanh(
+        T.float32(GELU_NEW_SCALE) * (x + T.float32(GELU_NEW_COEFF) * x * x * x)))
+
+
+def attention(config: GPTJConfig, dtype: str, out_width: int):
+    """(q [1, n, n_head, head_dim], k_cache, v_cache, out [1, n, out_width], total) -> out, with
+    out[:, t, :n_embd] = causal softmax(q k^T / sqrt(head_dim)) v over cache positions 0 .. total - n + t,
+    scores, softmax and the weighted sum in float32. Written in place: out may already hold other columns."""
+    H, D, P, d = config.n_head, config.head_dim, config.n_positions, config.n_embd
+    scale = float(1.0 / (D ** 0.5))
+
+    @T.prim_func(private=True, s_tir=True)
+    def kernel(var_q: T.handle, k_cache: T.Buffer((P, H, D), dtype), v_cache: T.Buffer((P, H, D), dtype),
+               var_out: T.handle, total: T.int64):
+        T.func_attr(HAND_SCHEDULED)
+        n = T.int64()
+        q = T.match_buffer(var_q, (1, n, H, D), dtype)
+        out = T.match_buffer(var_out, (1, n, out_width), dtype)
+        for th in T.parallel(n * H):
+            with T.sblock("attention"):
+                T.reads(q[0, 0:n, 0:H, 0:D], k_cache[0:P, 0:H, 0:D], v_cache[0:P, 0:H, 0:D])
+                T.writes(out[0, 0:n, 0:out_width])
+                scores = T.sblock_alloc_buffer((P,), "float32", scope="local")
+                query = T.sblock_alloc_buffer((D,), "float32", scope="local")
+                acc = T.sblock_alloc_buffer((D,), "float32", scope="local")
+                stats = T.sblock_alloc_buffer((2,), "float32", scope="local")  # running max, then sum
+                t: T.let[T.int64] = th // H
+                h: T.let[T.int64] = th % H
+                length: T.let[T.int64] = total - n + t + 1
+                for j in range(D):
+                    query[j] = T.Cast("float32", q[0, t, h, j])
+                    acc[j] = T.float32(0)
+                stats[0] = T.min_value("float32")
+                for pos in range(length):
+                    scores[pos] = T.float32(0)
+                    for j in range(D):
+                        scores[pos] = scores[pos] + query[j] * T.Cast("float32", k_cache[pos, h, j])
+                    scores[pos] = scores[pos] * T.float32(scale)
+                    stats[0] = T.max(stats[0], scores[pos])
+                stats[1] = T.float32(0)
+                for pos in range(length):
+                    scores[pos] = T.exp(scores[pos] - stats[0])
+                    stats[1] = stats[1] + scores[pos]
+                    for j in range(D):
+                        acc[j] = acc[j] + scores[pos] * T.Cast("float32", v_cache[pos, h, j])
+                for j in range(D):
+                    out[0, t, h * D + j] = T.Cast(dtype, acc[j] / stats[1])
+
+    return kernel

@@ -2,7 +2,8 @@
 
 Weights are stored in the layout the kernels read (see `weights.py` for the map from Hugging Face names):
 every linear weight is [in_features, out_features], so `y = x @ W + b` runs with no transpose. Half-precision
-models keep LayerNorm statistics, rotary angles, softmax and matmul accumulation in float32.
+models keep the residual stream, LayerNorm statistics, rotary angles, softmax and matmul accumulation in
+float32; the model dtype is what the weights, the KV cache and the GEMMs' inputs are stored in.
 
 Exported functions (each also takes the packed weights last):
     prefill(input_ids[1, n], caches, total_len)       logits of the last position, [1, 1, padded_vocab] float32
@@ -26,19 +27,18 @@ F32 = "float32"
 
 
 class Linear(nn.Module):
-    """y = x @ weight + bias, weight stored [in, out]; half precision accumulates in float32."""
+    """y = x @ weight + bias, weight stored [in, out]; half precision accumulates in float32.
+    Biases are stored in float32 (weights.py): they are tiny, and a cast of a weight would run every step."""
 
     def __init__(self, in_features: int, out_features: int, dtype: str, bias: bool):
         self.weight = nn.Parameter((in_features, out_features), dtype)
-        self.bias = nn.Parameter((out_features,), dtype) if bias else None
+        self.bias = nn.Parameter((out_features,), F32) if bias else None
         self.dtype = dtype
 
     def forward_f32(self, x: nn.Tensor) -> nn.Tensor:
         """The float32 result, before rounding to the model dtype."""
         y = op.matmul(x, self.weight, out_dtype=F32 if self.dtype != F32 else None)
-        if self.bias is not None:
-            y = y + (self.bias if self.dtype == F32 else op.astype(self.bias, F32))
-        return y
+        return y + self.bias if self.bias is not None else y
 
     def forward(self, x: nn.Tensor) -> nn.Tensor:
         y = self.forward_f32(x)
@@ -46,18 +46,17 @@ class Linear(nn.Module):
 
 
 class LayerNorm(nn.Module):
+    """float32 in (the residual stream), the model dtype out; weight and bias stored in float32 (weights.py)."""
+
     def __init__(self, n: int, eps: float, dtype: str):
-        self.weight = nn.Parameter((n,), dtype)
-        self.bias = nn.Parameter((n,), dtype)
+        self.weight = nn.Parameter((n,), F32)
+        self.bias = nn.Parameter((n,), F32)
         self.eps = eps
         self.dtype = dtype
 
     def forward(self, x: nn.Tensor) -> nn.Tensor:
-        if self.dtype == F32:
-            return op.layer_norm(x, x.shape[-1], self.weight, self.bias, eps=self.eps)
-        y = op.layer_norm(op.astype(x, F32), x.shape[-1], op.astype(self.weight, F32),
-                          op.astype(self.bias, F32), eps=self.eps)
-        return op.astype(y, self.dtype)
+        y = op.layer_norm(x, x.shape[-1], self.weight, self.bias, eps=self.eps)
+        return y if self.dtype == F32 else op.astype(y, self.dtype)
 
 
 def embed(table: nn.Tensor, ids: nn.Tensor) -> nn.Tensor:
@@ -124,7 +123,7 @@ class Attention(nn.Module):
         qkv = op.concat([self.q_proj.forward_f32(x), self.k_proj.forward_f32(x), self.v_proj.forward_f32(x)],
                         dim=2)
         q, out = rotary_append(self.config, self.dtype, qkv, rotary, cache, total, ffn_offset=None)
-        return self.out_proj(attention(self.config, self.dtype, q, cache, out, total))
+        return self.out_proj.forward_f32(attention(self.config, self.dtype, q, cache, out, total))
 
 
 class MLP(nn.Module):
@@ -136,7 +135,7 @@ class MLP(nn.Module):
     def forward(self, x: nn.Tensor) -> nn.Tensor:
         # gelu_new in float32: its constants rounded to bfloat16 (0.0447, 0.797) would shift every activation
         hidden = gelu_new(self.fc_in.forward_f32(x))
-        return self.fc_out(hidden if self.dtype == F32 else op.astype(hidden, self.dtype))
+        return self.fc_out.forward_f32(hidden if self.dtype == F32 else op.astype(hidden, self.dtype))
 
 
 class Block(nn.Module):
@@ -171,10 +170,7 @@ class FusedBlock(nn.Module):
         qkvf = self.w_in.forward_f32(self.ln_1(h))
         q, attn_ffn = rotary_append(c, self.dtype, qkvf, rotary, cache, total, ffn_offset=3 * c.n_embd)
         attn_ffn = attention(c, self.dtype, q, cache, attn_ffn, total)
-        y = self.w_out.forward_f32(attn_ffn)
-        if self.dtype == F32:
-            return y + h
-        return op.astype(y + op.astype(h, F32), self.dtype)
+        return self.w_out.forward_f32(attn_ffn) + h
 
 
 class Rotary(nn.Module):
@@ -196,6 +192,7 @@ class GPTJ(nn.Module):
 
     def _hidden(self, input_ids: nn.Tensor, caches, total: tirx.PrimExpr) -> nn.Tensor:
         h = op.reshape(embed(self.wte, op.reshape(input_ids, (-1,))), (1, input_ids.shape[1], -1))
+        h = h if self.dtype == F32 else op.astype(h, F32)  # the residual stream stays float32
         for i, block in enumerate(self.h):
             h = block(h, self.rotary, Cache(caches[2 * i], caches[2 * i + 1]), total)
         return self.ln_f(h)

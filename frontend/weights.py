@@ -156,8 +156,9 @@ class Checkpoint:
         cos, sin = rotary_tables(self.config)
         yield "rotary.cos", cos
         yield "rotary.sin", sin
-        target = NUMPY_DTYPES[dtype]
         for ours, src in hf_name_map(self.config, fuse_block).items():
+            # vectors (LayerNorm, biases) stay float32 whatever the dtype: the model reads them in float32
+            target = NUMPY_DTYPES[dtype] if len(src.parts[0].hf_shape) == 2 else np.dtype(np.float32)
             pieces = []
             for part in src.parts:
                 if part.hf_name is None:

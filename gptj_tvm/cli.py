@@ -81,6 +81,29 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_inspect(args) -> int:
+    _ensure_threads()
+    from .runtime.inspect import inspect_artifact  # noqa: PLC0415
+
+    report = inspect_artifact(args.artifact)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    target = report["target"]
+    print(f"{report['artifact']}: {report['dtype']}, {target['kind']} {target.get('mcpu', '')}, "
+          f"{report['n_layer']} layers, {'fused' if report['fuse_block'] else 'plain'} blocks")
+    print(f"functions: {', '.join(report['functions'])}")
+    print(f"weights: {report['weight_bytes'] / 2**20:.1f} MiB, {report['weight_bytes_per_block'] / 2**20:.1f} "
+          "MiB per block")
+    for phase in ("decode", "prefill"):
+        print(f"{phase}: {report[f'{phase}_kernel_launches']} kernel launches per step, "
+              f"{report[f'{phase}_kernels_per_block']} per block: {' -> '.join(report[f'{phase}_block_kernels'])}")
+    print("kernels (schedule, calls per decode step, per prefill):")
+    for name, info in report["kernels"].items():
+        print(f"  {name:48s} {info['schedule']:24s} {info['decode_calls']:4d} {info['prefill_calls']:4d}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     """A tiny random GPT-J: written, compiled for this CPU, and generating, all in a temporary folder."""
     _ensure_threads()
@@ -151,6 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", nargs="+", metavar="STRING", help="stop before any of these strings")
     p.add_argument("--json", action="store_true", help="print one JSON object at the end instead of streaming")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("inspect", help="what an artifact holds: functions, kernels per block, weights",
+                       description="Show what was compiled: functions, kernels per block for prefill and decode "
+                                   "(counted from a real run), weight bytes, dtype, target, schedule per kernel.")
+    p.add_argument("artifact", help="artifact folder made by `gptj-tvm compile`")
+    p.add_argument("--json", action="store_true", help="one JSON object (stable key: decode_kernels_per_block)")
+    p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("demo", help="a tiny random GPT-J, compiled for this CPU, generating",
                        description="Write a tiny random GPT-J, compile it for this CPU and generate text.")

@@ -1,4 +1,4 @@
-"""Default schedules: dlight's rules for the target, applied to every kernel that has no tuned schedule."""
+"""Default schedules: for every kernel without one, the first rule that applies (dlight-style rules)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,9 @@ import tvm
 from tvm.s_tir import dlight as dl
 
 from .cpu_matmul import CPUMatmul
+
+HAND_WRITTEN = "hand-written"
+UNSCHEDULED = "unscheduled"
 
 
 def cpu_rules() -> list:
@@ -19,8 +22,24 @@ def rules_for(target: tvm.target.Target) -> list:
     raise ValueError(f"no default schedule rules for target kind {target.kind.name!r}")
 
 
-def apply_default_schedules(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
-    """Returns a new module; dlight changes the module it is given, so it gets a copy."""
-    mod = tvm.IRModule(dict(mod.functions), attrs=mod.attrs)
+def apply_default_schedules(mod: tvm.IRModule, target: tvm.target.Target) -> tuple[tvm.IRModule, dict[str, str]]:
+    """A new module with every unscheduled PrimFunc scheduled by the first rule that takes it, and
+    {kernel name: "default <Rule>" | "hand-written" | "unscheduled"} saying what each kernel got."""
+    rules = rules_for(target)
+    functions, report = {}, {}
     with target:
-        return dl.ApplyDefaultSchedule(*rules_for(target))(mod)
+        for gv, func in mod.functions.items():
+            if not isinstance(func, tvm.tirx.PrimFunc):
+                functions[gv] = func
+                continue
+            if func.attrs is not None and func.attrs.get("tirx.is_scheduled", False):
+                functions[gv], report[gv.name_hint] = func, HAND_WRITTEN
+                continue
+            functions[gv], report[gv.name_hint] = func, UNSCHEDULED
+            for rule in rules:
+                sch = rule.apply(func, target, False)
+                if sch is not None:
+                    scheduled = sch.mod["main"].with_attr("tirx.is_scheduled", True)
+                    functions[gv], report[gv.name_hint] = scheduled, f"default {type(rule).__name__}"
+                    break
+    return tvm.IRModule(functions, attrs=mod.attrs), report

@@ -37,12 +37,20 @@ def export_model(config: GPTJConfig, dtype: str, fuse_block: bool = True):
 
 
 def build_library(config: GPTJConfig, dtype: str, target: tvm.target.Target, out_path: Path,
-                  fuse_block: bool = True) -> list[str]:
-    """Compile GPT-J for target and export the library to out_path; returns the parameter order."""
+                  fuse_block: bool = True) -> tuple[list[str], dict[str, str]]:
+    """Compile GPT-J for target and export the library to out_path; returns the parameter order and what
+    schedule each kernel got."""
     mod, param_names = export_model(config, dtype, fuse_block)
-    executable = pipeline.build(mod, target, lambda m: apply_default_schedules(m, target))
+    report: dict[str, str] = {}
+
+    def schedule(module):
+        scheduled, kinds = apply_default_schedules(module, target)
+        report.update(kinds)
+        return scheduled
+
+    executable = pipeline.build(mod, target, schedule)
     executable.export_library(str(out_path))
-    return param_names
+    return param_names, report
 
 
 def tokenizer_files(model_dir: Path) -> tuple[Path, Path]:
@@ -71,7 +79,7 @@ def compile_model(model_dir, out_dir, target: str = "llvm", dtype: str | None = 
     with staging_dir(out_dir) as staging:
         start = time.perf_counter()
         with tqdm(total=1, desc="compile library", disable=not progress, leave=False) as bar:
-            params = build_library(config, dtype, tvm_target, staging / artifact.LIBRARY, fuse_block)
+            params, kernels = build_library(config, dtype, tvm_target, staging / artifact.LIBRARY, fuse_block)
             bar.update()
         timings["library_s"] = time.perf_counter() - start
         start = time.perf_counter()
@@ -84,5 +92,5 @@ def compile_model(model_dir, out_dir, target: str = "llvm", dtype: str | None = 
             staging, config=config.to_dict(), dtype=dtype, target=json.loads(str(tvm_target)),
             device="cpu" if tvm_target.kind.name == "llvm" else tvm_target.kind.name,
             tvm_version=tvm.__version__, params=params, weight_files=list(files),
-            functions=["prefill", "prefill_all", "decode"], extra={"fuse_block": fuse_block, "compile_timings": timings})
+            functions=["prefill", "prefill_all", "decode"], extra={"fuse_block": fuse_block, "kernels": kernels, "compile_timings": timings})
     return meta

@@ -50,3 +50,25 @@ def test_merged_weights_are_the_checkpoints_projections(checkpoint):
     expected_out = np.concatenate([hf("attn.out_proj.weight").T, hf("mlp.fc_out.weight").T], axis=0)
     np.testing.assert_array_equal(ours["h.1.w_out.weight"], expected_out)
     np.testing.assert_array_equal(ours["h.1.w_out.bias"], hf("mlp.fc_out.bias"))
+
+
+def test_inspect_counts_five_decode_kernels_per_fused_block(artifact, capsys):
+    from gptj_tvm.cli import main
+
+    assert main(["inspect", str(artifact("tiny")), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["decode_kernels_per_block"] <= 6
+    names = report["decode_block_kernels"]
+    assert len(names) == 5 and "rotary_append" in names and "attention" in names
+    assert sum(report["kernels"][n]["schedule"] == "default CPUMatmul" for n in names) == 2
+    # every launch of a decode step is accounted for: blocks plus embedding, final LayerNorm and lm_head
+    assert report["decode_kernel_launches"] == report["n_layer"] * 5 + 3
+    assert report["weight_bytes_per_block"] > 0 and report["weight_bytes"] > report["weight_bytes_per_block"]
+
+
+def test_inspect_shows_the_plain_graph_needs_more_kernels(artifact, capsys):
+    from gptj_tvm.cli import main
+
+    assert main(["inspect", str(artifact("tiny", fuse_block=False)), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["fuse_block"] is False and report["decode_kernels_per_block"] > 6

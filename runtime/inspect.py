@@ -1,0 +1,88 @@
+"""What an artifact holds and what its functions run: `gptj-tvm inspect`. TVM runtime only.
+
+Kernel launches are counted from what actually runs: one prefill and one decode step go through the VM with
+its instrument hook, and every call of a compiled PrimFunc counts (the KV-cache append and attention are
+PrimFuncs too). The blocks share their kernels, so a kernel called c times per step runs c // n_layer times
+per block; the rest (embedding, final LayerNorm, lm_head) is outside the blocks.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import tvm
+from safetensors import safe_open
+
+from .engine import Generator
+from .profiler import record_calls
+
+PREFILL_TOKENS = 4
+
+
+def _kernel_calls(gen: Generator, function: str, ids: list[int], cache, total: int) -> list[str]:
+    tokens = tvm.runtime.tensor(np.asarray(ids, dtype=np.int32).reshape(1, -1), gen.device)
+    _, calls = record_calls(gen._vm, function, tokens, cache, tvm.runtime.ShapeTuple([total]), gen._params)
+    return [name for name, _ in calls if not name.startswith("vm.builtin.")]
+
+
+def per_block(calls: list[str], n_layer: int) -> list[str]:
+    """The kernels of one block in call order: each kernel appears count // n_layer times."""
+    counts = Counter(calls)
+    block, seen = [], Counter()
+    for name in calls:
+        if seen[name] < counts[name] // n_layer:
+            block.append(name)
+        seen[name] += 1
+    return block
+
+
+def weight_bytes(folder: Path, meta: dict) -> tuple[int, int]:
+    """(all weight bytes, bytes of block 0's weights)."""
+    total = block = 0
+    for name in meta["weight_files"]:
+        with safe_open(str(folder / name), framework="np") as f:
+            for key in f.keys():
+                info = f.get_slice(key)
+                size = int(np.prod(info.get_shape())) * _ITEM_BYTES[info.get_dtype()]
+                total += size
+                block += size if key.startswith("h.0.") else 0
+    return total, block
+
+
+_ITEM_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1}
+
+
+def inspect_artifact(folder) -> dict:
+    folder = Path(folder)
+    gen = Generator.load(folder)
+    meta, n_layer = gen.meta, int(gen.config["n_layer"])
+    cache = gen.new_cache()
+    prompt = list(range(1, PREFILL_TOKENS + 1))
+    prefill = _kernel_calls(gen, "prefill", prompt, cache, len(prompt))
+    decode = _kernel_calls(gen, "decode", [PREFILL_TOKENS + 1], cache, len(prompt) + 1)
+    decode_block, prefill_block = per_block(decode, n_layer), per_block(prefill, n_layer)
+    total_bytes, block_bytes = weight_bytes(folder, meta)
+    schedules = meta.get("kernels", {})
+    kernels = {name: {"schedule": schedules.get(name, "VM shape function" if name.startswith("shape_func")
+                                                else "unknown"), "decode_calls": decode.count(name),
+                      "prefill_calls": prefill.count(name)} for name in dict.fromkeys(prefill + decode)}
+    return {
+        "artifact": str(folder),
+        "dtype": meta["dtype"],
+        "target": meta["target"],
+        "device": meta["device"],
+        "fuse_block": meta.get("fuse_block", False),
+        "n_layer": n_layer,
+        "functions": meta["functions"],
+        "weight_bytes": total_bytes,
+        "weight_bytes_per_block": block_bytes,
+        "decode_kernel_launches": len(decode),
+        "decode_kernels_per_block": len(decode_block),
+        "decode_block_kernels": decode_block,
+        "prefill_kernel_launches": len(prefill),
+        "prefill_kernels_per_block": len(prefill_block),
+        "prefill_block_kernels": prefill_block,
+        "kernels": kernels,
+    }

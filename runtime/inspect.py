@@ -3,7 +3,8 @@
 Kernel launches are counted from what actually runs: one prefill and one decode step go through the VM with
 its instrument hook, and every call of a compiled PrimFunc counts (the KV-cache append and attention are
 PrimFuncs too). The blocks share their kernels, so a kernel called c times per step runs c // n_layer times
-per block; the rest (embedding, final LayerNorm, lm_head) is outside the blocks.
+per block; the rest (embedding, final LayerNorm, lm_head) is outside the blocks. With one layer nothing tells
+the two apart, and every kernel counts as the block's: inspect a model of two or more layers.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from . import artifact
 from .sampling import next_token
 from .tokenizer import GPT2Tokenizer
 
-DEVICES = {"cpu": tvm.cpu, "cuda": tvm.cuda, "webgpu": tvm.webgpu if hasattr(tvm, "webgpu") else None}
+DEVICES = {"cpu": tvm.cpu, "cuda": tvm.cuda}
 
 
 @dataclass
@@ -53,7 +53,7 @@ class Generator:
         meta = artifact.read_metadata(folder)
         artifact.check_compatible(meta, folder, tvm.__version__)
         kind = device or meta["device"]
-        if kind != meta["device"]:
+        if kind != meta["device"] or kind not in DEVICES:
             raise GptjError(f"{folder}: built for device {meta['device']!r}, not {kind!r}")
         dev = DEVICES[kind](0)
         if not dev.exist:

@@ -21,28 +21,43 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 
 from . import kernels
-from .config import GELU_NEW_COEFF, GELU_NEW_SCALE, GPTJConfig
+from .config import GELU_NEW_COEFF, GELU_NEW_SCALE, GPTJConfig, weight_tile
 
 F32 = "float32"
 
 
 class Linear(nn.Module):
-    """y = x @ weight + bias, weight stored [in, out]; half precision accumulates in float32.
-    Biases are stored in float32 (weights.py): they are tiny, and a cast of a weight would run every step."""
+    """y = x @ W + bias with W [in, out] stored in column tiles [out / t, in, t] (weights.tiled); accumulates
+    in float32. Biases are stored in float32: they are tiny, and a cast of a weight would run every step."""
 
     def __init__(self, in_features: int, out_features: int, dtype: str, bias: bool):
-        self.weight = nn.Parameter((in_features, out_features), dtype)
+        tile = weight_tile(out_features)
+        self.weight = nn.Parameter((out_features // tile, in_features, tile), dtype)
         self.bias = nn.Parameter((out_features,), F32) if bias else None
         self.dtype = dtype
 
     def forward_f32(self, x: nn.Tensor) -> nn.Tensor:
         """The float32 result, before rounding to the model dtype."""
-        y = op.matmul(x, self.weight, out_dtype=F32 if self.dtype != F32 else None)
+        y = tiled_matmul(x, self.weight)
         return y + self.bias if self.bias is not None else y
 
     def forward(self, x: nn.Tensor) -> nn.Tensor:
         y = self.forward_f32(x)
         return y if self.dtype == F32 else op.astype(y, self.dtype)
+
+
+def tiled_matmul(x: nn.Tensor, weight: nn.Tensor) -> nn.Tensor:
+    """x [b, n, in] @ W, with W in column tiles [out / t, in, t]; float32 result."""
+    tiles, k_extent, tile = (int(s) for s in weight.shape)
+
+    def compute(x: te.Tensor, w: te.Tensor):
+        k = te.reduce_axis((0, k_extent), name="k")
+        return te.compute(
+            (x.shape[0], x.shape[1], tiles * tile),
+            lambda b, t, j: te.sum(x[b, t, k].astype(F32) * w[j // tile, k, j % tile].astype(F32), axis=k),
+            name="matmul")
+
+    return op.tensor_expr_op(compute, "matmul", [x, weight])
 
 
 class LayerNorm(nn.Module):

@@ -20,7 +20,7 @@ from safetensors.numpy import save_file
 
 from gptj_tvm.errors import GptjError
 
-from .config import GPTJConfig, rotary_tables
+from .config import GPTJConfig, rotary_tables, weight_tile
 
 NUMPY_DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16),
                 "bfloat16": np.dtype(ml_dtypes.bfloat16)}
@@ -88,6 +88,14 @@ def hf_tensors(config: GPTJConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor a GPT-J checkpoint for config holds (HF name -> shape), in the plain layout's order."""
     return {part.hf_name: part.hf_shape for src in hf_name_map(config, fuse_block=False).values()
             for part in src.parts}
+
+
+def tiled(weight: np.ndarray) -> np.ndarray:
+    """[in, out] -> [out / tile, in, tile] (config.weight_tile), contiguous: each column tile in one run."""
+    k, n = weight.shape
+    t = weight_tile(n)
+    bits = weight.view(np.uint16) if weight.dtype.itemsize == 2 else weight
+    return np.ascontiguousarray(bits.reshape(k, n // t, t).transpose(1, 0, 2)).view(weight.dtype)
 
 
 def _transposed(tensor: np.ndarray) -> np.ndarray:
@@ -170,6 +178,8 @@ class Checkpoint:
             if src.pad_last_to is not None and src.pad_last_to > tensor.shape[-1]:
                 padding = [(0, 0)] * (tensor.ndim - 1) + [(0, src.pad_last_to - tensor.shape[-1])]
                 tensor = np.pad(tensor, padding)
+            if any(part.transpose for part in src.parts):  # a linear weight: [in, out] -> [out / t, in, t]
+                tensor = tiled(tensor)
             yield ours, np.ascontiguousarray(tensor)
 
 

@@ -20,9 +20,11 @@ from tvm import s_tir, tirx
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
+from gptj_tvm.frontend.config import WEIGHT_TILES
+
 # Wide column strips keep each row's read of W long and contiguous (512 bf16 columns = 1 KiB); measured on
 # 4096 x 16384 bf16 GEMVs with 2 threads: 64 columns 12 ms, 512 columns 4-7 ms (bound about 4 ms).
-COLS = (512, 256, 128, 64, 32, 16, 8)
+COLS = WEIGHT_TILES
 TILE_ROWS = 4
 
 
@@ -40,14 +42,10 @@ class CPUMatmul(ScheduleRule):
         self.cols = cols
         self.tile_rows = tile_rows
 
-    def pick_cols(self, extent: int, cores: int) -> int:
-        """The widest strip that divides the columns (a ragged strip would not vectorize) and leaves every core
-        a strip; the lm_head is padded (frontend.config.LM_HEAD_PAD) so that this stays wide."""
-        dividing = [c for c in self.cols if extent % c == 0]
-        for c in dividing:
-            if extent // c >= cores:
-                return c
-        return dividing[-1] if dividing else min(self.cols[-1], extent)
+    def pick_cols(self, extent: int) -> int:
+        """The widest strip that divides the columns (a ragged strip would not vectorize): the same rule as
+        the weights' column tiles (frontend.config.weight_tile), so a strip is one contiguous tile."""
+        return next((c for c in self.cols if extent % c == 0), extent)
 
     def is_target_available(self, target: Target) -> bool:
         return target.kind.name == "llvm"
@@ -92,7 +90,7 @@ class CPUMatmul(ScheduleRule):
         if col_extent is None or _static_extent(sch, k) is None:
             return None  # attention's matmuls over the cache length: a wrong result was seen when tiled here
         rows = sch.fuse(*row_loops) if len(row_loops) > 1 else (row_loops[0] if row_loops else None)
-        cols = self.pick_cols(col_extent, int(target.attrs.get("num-cores", 1)))
+        cols = self.pick_cols(col_extent)
         jo, ji = sch.split(col, [None, cols])
         row_extent = _static_extent(sch, rows) if rows is not None else 1
         tile_rows = 1 if row_extent == 1 else self.tile_rows

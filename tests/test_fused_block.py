@@ -34,7 +34,8 @@ def test_fused_artifact_stores_merged_weights(artifact):
 
 
 def test_merged_weights_are_the_checkpoints_projections(checkpoint):
-    """w_in = [q | k | v | fc_in] (transposed), b_in = [0 | fc_in bias], w_out = [out_proj ; fc_out]."""
+    """w_in = [q | k | v | fc_in] (transposed), b_in = [0 | fc_in bias], w_out = [out_proj ; fc_out], each
+    stored in column tiles [out / t, in, t]."""
     from gptj_tvm.frontend.config import GPTJConfig
     from gptj_tvm.frontend.weights import Checkpoint
 
@@ -45,10 +46,12 @@ def test_merged_weights_are_the_checkpoints_projections(checkpoint):
     d = ckpt.config.n_embd
     expected_in = np.concatenate([hf("attn.q_proj.weight").T, hf("attn.k_proj.weight").T,
                                   hf("attn.v_proj.weight").T, hf("mlp.fc_in.weight").T], axis=1)
-    np.testing.assert_array_equal(ours["h.1.w_in.weight"], expected_in)
+    untile = lambda w: w.transpose(1, 0, 2).reshape(w.shape[1], -1)  # noqa: E731
+    assert ours["h.1.w_in.weight"].ndim == 3
+    np.testing.assert_array_equal(untile(ours["h.1.w_in.weight"]), expected_in)
     np.testing.assert_array_equal(ours["h.1.w_in.bias"], np.concatenate([np.zeros(3 * d), hf("mlp.fc_in.bias")]))
     expected_out = np.concatenate([hf("attn.out_proj.weight").T, hf("mlp.fc_out.weight").T], axis=0)
-    np.testing.assert_array_equal(ours["h.1.w_out.weight"], expected_out)
+    np.testing.assert_array_equal(untile(ours["h.1.w_out.weight"]), expected_out)
     np.testing.assert_array_equal(ours["h.1.w_out.bias"], hf("mlp.fc_out.bias"))
 
 

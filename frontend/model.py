@@ -160,6 +160,8 @@ class Block(nn.Module):
         self.ln_1 = LayerNorm(config.n_embd, config.layer_norm_epsilon, dtype)
         self.attn = Attention(config, dtype)
         self.mlp = MLP(config, dtype)
+        self.config = config
+        self.dtype = dtype
 
     def forward(self, h: nn.Tensor, rotary: "Rotary", cache: Cache, total: tirx.PrimExpr) -> nn.Tensor:
         x = self.ln_1(h)
@@ -167,7 +169,8 @@ class Block(nn.Module):
 
 
 class FusedBlock(nn.Module):
-    """The same block with its projections merged (weights.py lays them out):
+    """The same block with its projections merged (ir.merge_projections puts it in place of Block, and
+    weights.py lays the merged weights out):
         x = LN(h);  [q|k|v|f] = x W_in + b_in;  y = h + [Attn(rope(q), rope(k), v) | gelu_new(f)] W_out + b_out
     Five kernels: LayerNorm, the W_in GEMM (+ bias), rotary + cache append + gelu_new, attention, and the W_out
     GEMM (+ bias + residual)."""
@@ -195,13 +198,12 @@ class Rotary(nn.Module):
 
 
 class GPTJ(nn.Module):
-    def __init__(self, config: GPTJConfig, dtype: str, fuse_block: bool = True):
+    def __init__(self, config: GPTJConfig, dtype: str):
         self.config = config
         self.dtype = dtype
         self.wte = nn.Parameter((config.vocab_size, config.n_embd), dtype)
         self.rotary = Rotary(config)
-        block = FusedBlock if fuse_block else Block
-        self.h = nn.ModuleList([block(config, dtype) for _ in range(config.n_layer)])
+        self.h = nn.ModuleList([Block(config, dtype) for _ in range(config.n_layer)])
         self.ln_f = LayerNorm(config.n_embd, config.layer_norm_epsilon, dtype)
         self.lm_head = Linear(config.n_embd, config.padded_vocab_size, dtype, bias=True)  # zero-padded columns
 

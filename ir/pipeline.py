@@ -1,11 +1,16 @@
 """The compile pipeline, phase by phase, in order.
 
 `tvm.compile` on llvm neither fuses nor schedules, so the project states every phase here:
+    0. model         on the nn.Module, before export: merge_block_projections (ir/merge_projections.py)
     1. legalize      Relax operators -> TIR PrimFuncs
-    2. fuse          annotate op patterns, fold constants, fuse producers into consumers, merge fused TIR
+    2. fuse          annotate op patterns, fold constants, then FuseOps + FuseTIR: each GEMM takes its
+                     epilogue (bias, gelu_new, residual add, casts) into one kernel
     3. schedule      every kernel gets a schedule for the target (`gptj_tvm.schedules`)
     4. lower         dataflow -> VM calls, static memory planning, shape lowering, global symbols
-The weights are already stored [in, out] (see frontend/weights.py), so no phase transposes a weight at run time.
+The weights are already stored in the kernels' layout (frontend/weights.py), so no phase transposes or
+concatenates a weight at run time. Rotary + KV-cache append and attention are single TIR kernels written in
+frontend/kernels.py; LayerNorm stays a kernel of its own (fusing it into the W_in GEMV would need its
+statistics before the first column tile).
 """
 
 from __future__ import annotations
@@ -16,6 +21,13 @@ import tvm
 from tvm import relax
 
 ScheduleFn = Callable[[tvm.IRModule], tvm.IRModule]
+
+
+def model_passes(fuse_block: bool) -> Callable:
+    """Phase 0, on the nn.Module: the block's projections merged (or the plain graph, for comparison)."""
+    from .merge_projections import merge_block_projections  # noqa: PLC0415
+
+    return merge_block_projections if fuse_block else (lambda model: model)
 
 
 def legalize_passes() -> list[tvm.transform.Pass]:

@@ -31,7 +31,7 @@ def export_model(config: GPTJConfig, dtype: str, fuse_block: bool = True):
     """The Relax module of GPT-J for `config` in `dtype`, and its parameter names in call order."""
     from gptj_tvm.frontend.model import GPTJ  # noqa: PLC0415
 
-    model = GPTJ(config, dtype, fuse_block=fuse_block)
+    model = pipeline.model_passes(fuse_block)(GPTJ(config, dtype))
     mod, params = model.export_tvm(spec=model.get_default_spec())
     return mod, [name for name, _ in params]
 

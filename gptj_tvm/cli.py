@@ -40,12 +40,29 @@ def cmd_compile(args) -> int:
     from .targets.compile import compile_model  # noqa: PLC0415
 
     meta = compile_model(args.model_dir, args.output, target=args.target, dtype=args.dtype,
-                         fuse_block=not args.no_fuse_block, progress=not args.quiet)
+                         fuse_block=not args.no_fuse_block, tuning_db=args.tuning_db, progress=not args.quiet)
+    if args.tuning_db and not args.quiet:
+        kinds = list(meta["kernels"].values())
+        tuned = kinds.count("tuned")
+        print(f"schedules: {tuned} kernels tuned, {len(kinds) - tuned} default or hand-written")
     if not args.quiet:
         timings = meta["compile_timings"]
         print(f"compiled {args.model_dir} -> {args.output} ({meta['dtype']}, {meta['target']['kind']} "
               f"{meta['target'].get('mcpu', '')}): library {timings['library_s']:.1f} s, "
               f"weights {timings['weights_s']:.1f} s")
+    return 0
+
+
+def cmd_tune(args) -> int:
+    os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))  # measure as the runtime runs
+    from .targets.compile import tune_model  # noqa: PLC0415
+
+    summary = tune_model(args.model_dir, args.output, target=args.target, dtype=args.dtype,
+                         fuse_block=not args.no_fuse_block, trials=args.trials, max_seconds=args.max_seconds,
+                         progress=not args.quiet)
+    print(f"{args.output}: {summary['tuned']} tasks tuned, {summary['resumed']} already there, "
+          f"{summary['skipped_for_time']} left for lack of time, of {summary['tasks']} "
+          f"({summary['seconds']:.0f} s)")
     return 0
 
 
@@ -157,8 +174,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", help="float32, float16 or bfloat16 (default: the checkpoint's)")
     p.add_argument("--no-fuse-block", action="store_true",
                    help="keep each block's projections separate (the plain graph, for comparison and debugging)")
+    p.add_argument("--tuning-db", help="a database from `gptj-tvm tune`: tuned schedules where it has them")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("tune", help="tune the model's kernels for this hardware with MetaSchedule",
+                       description="Tune the decode GEMM kernels with MetaSchedule (XGBoost cost model) into a "
+                                   "JSON database keyed by this hardware; run again with the same output to "
+                                   "resume. Use the database with `compile --tuning-db`.")
+    p.add_argument("model_dir", help="checkpoint folder (config.json; the weights are not read)")
+    p.add_argument("-o", "--output", required=True, help="tuning database file (JSON) to write or resume")
+    p.add_argument("--target", default="llvm", help="llvm (this host's CPU; default)")
+    p.add_argument("--dtype", help="float32, float16 or bfloat16 (default: the checkpoint's)")
+    p.add_argument("--no-fuse-block", action="store_true", help="tune the plain graph's kernels")
+    p.add_argument("--trials", type=int, default=64,
+                   help="trials per task on average (default 64), spread by each task's time per token")
+    p.add_argument("--max-seconds", type=float, help="bound the whole run; tasks left over are skipped")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("generate", help="generate text with a compiled artifact",
                        description="Generate text with a compiled artifact; streams to stdout.")

@@ -6,6 +6,7 @@ import tvm
 from tvm.s_tir import dlight as dl
 
 from .cpu_matmul import CPUMatmul
+from .database import workload_module
 
 HAND_WRITTEN = "hand-written"
 UNSCHEDULED = "unscheduled"
@@ -22,9 +23,14 @@ def rules_for(target: tvm.target.Target) -> list:
     raise ValueError(f"no default schedule rules for target kind {target.kind.name!r}")
 
 
-def apply_default_schedules(mod: tvm.IRModule, target: tvm.target.Target) -> tuple[tvm.IRModule, dict[str, str]]:
-    """A new module with every unscheduled PrimFunc scheduled by the first rule that takes it, and
-    {kernel name: "default <Rule>" | "hand-written" | "unscheduled"} saying what each kernel got."""
+TUNED = "tuned"
+
+
+def apply_default_schedules(mod: tvm.IRModule, target: tvm.target.Target,
+                            tuned=None) -> tuple[tvm.IRModule, dict[str, str]]:
+    """A new module with every unscheduled PrimFunc scheduled: from `tuned` (a MetaSchedule database) where it
+    has the kernel, else by the first default rule that takes it; and {kernel name: "tuned" |
+    "default <Rule>" | "hand-written" | "unscheduled"} saying what each kernel got."""
     rules = rules_for(target)
     functions, report = {}, {}
     with target:
@@ -36,6 +42,11 @@ def apply_default_schedules(mod: tvm.IRModule, target: tvm.target.Target) -> tup
                 functions[gv], report[gv.name_hint] = func, HAND_WRITTEN
                 continue
             functions[gv], report[gv.name_hint] = func, UNSCHEDULED
+            sch = tuned.query_schedule(workload_module(func), target, workload_name="main") if tuned else None
+            if sch is not None:
+                tuned_func = sch.mod["main"].without_attr("global_symbol").with_attr("tirx.is_scheduled", True)
+                functions[gv], report[gv.name_hint] = tuned_func, TUNED
+                continue
             for rule in rules:
                 sch = rule.apply(func, target, False)
                 if sch is not None:

@@ -1,0 +1,176 @@
+"""`gptj-tvm tune`: MetaSchedule, with its XGBoost cost model, searches schedules for the model's GEMMs.
+
+Tasks are the distinct GEMM kernels of the decode function (the same kernel in 28 blocks is one task, so the
+cost does not grow with depth). Trials are spread over tasks by how much time each takes per token, estimated
+as (bytes the kernel reads) x (calls per decode step), since decode GEMVs are bound by memory traffic. Each
+task is tuned in a scratch folder; its best record is then added to the database file, which is rewritten
+whole and renamed into place, so an interrupted run loses at most the task in flight and a second run with
+the same output resumes where the first stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import tvm
+import tvm_ffi
+from tqdm import tqdm
+from tvm import relax
+from tvm.s_tir import meta_schedule as ms
+from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
+from tvm.ir.utils import derived_object
+
+from gptj_tvm.errors import GptjError
+
+from .database import TuningDatabase, workload_module
+from .default import apply_default_schedules
+
+MIN_TRIALS = 2
+
+
+@dataclasses.dataclass
+class Task:
+    key: str  # structural hash of the kernel: the same GEMM in every block is one task
+    name: str
+    func: tvm.tirx.PrimFunc
+    calls_per_token: int
+    bytes_read: int
+
+    @property
+    def weight(self) -> float:
+        return float(self.calls_per_token * self.bytes_read)
+
+    def module(self) -> tvm.IRModule:
+        return workload_module(self.func)
+
+
+def task_key(func: tvm.tirx.PrimFunc) -> str:
+    return f"{tvm_ffi.structural_hash(func) & (2**64 - 1):016x}"
+
+
+def _bytes_read(func: tvm.tirx.PrimFunc) -> int:
+    total = 0
+    for param in func.params[:-1]:  # the last parameter is the output
+        shape = getattr(param.ty, "shape", None)
+        if shape is None or not all(isinstance(s, tvm.tirx.IntImm) for s in shape):
+            continue
+        total += math.prod(int(s) for s in shape) * tvm.runtime.DataType(str(param.ty.dtype)).bits // 8
+    return total
+
+
+def decode_tasks(mod: tvm.IRModule, target: tvm.target.Target) -> list[Task]:
+    """The GEMM kernels (those the default rules schedule as matmuls) that one decode step calls."""
+    _, report = apply_default_schedules(mod, target)
+    calls: dict[str, int] = {}
+    for block in mod["decode"].body.blocks:
+        for binding in block.bindings:
+            value = binding.value
+            if isinstance(value, relax.Call) and value.op.name in ("relax.call_tir", "relax.call_tir_inplace"):
+                name = value.args[0].name_hint
+                calls[name] = calls.get(name, 0) + 1
+    tasks = {}
+    for name, count in calls.items():
+        if report.get(name) != "default CPUMatmul":
+            continue
+        func = mod[name]
+        key = task_key(func)
+        if key in tasks:
+            tasks[key].calls_per_token += count
+        else:
+            tasks[key] = Task(key, name, func, count, _bytes_read(func))
+    return sorted(tasks.values(), key=lambda t: -t.weight)
+
+
+def spread_trials(tasks: list[Task], trials_per_task: int) -> dict[str, int]:
+    """trials_per_task x len(tasks) trials in all, each task's share by its time per token."""
+    total = trials_per_task * len(tasks)
+    weights = sum(t.weight for t in tasks) or 1.0
+    return {t.key: max(MIN_TRIALS, round(total * t.weight / weights)) for t in tasks}
+
+
+@derived_object
+class _Progress(PyMeasureCallback):
+    def __init__(self, bar: tqdm):
+        self.bar = bar
+        self.best = math.inf
+
+    def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
+        for result in runner_results:
+            if result.error_msg is None and result.run_secs:
+                self.best = min(self.best, sum(float(s) for s in result.run_secs) / len(result.run_secs))
+        self.bar.update(len(runner_results))
+        if self.best < math.inf:
+            self.bar.set_postfix_str(f"best {1e3 * self.best:.3f} ms")
+
+
+def _quiet_meta_schedule() -> None:
+    # MetaSchedule logs every round (and XGBoost every iteration) to the console; the progress bar says enough
+    import logging  # noqa: PLC0415
+
+    for name in ("tvm.s_tir.meta_schedule", "tvm.meta_schedule"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def tune_task(task: Task, target: tvm.target.Target, trials: int, bar: tqdm, seed: int = 0):
+    """The best TuningRecord MetaSchedule finds for the task in `trials` trials (None if none ran)."""
+    _quiet_meta_schedule()
+    callbacks = [*ms.measure_callback.MeasureCallback.create("default"), _Progress(bar)]
+    with tempfile.TemporaryDirectory(prefix="gptj-tune-") as work:
+        database = ms.tune_tir(
+            task.module(), target, work, max_trials_global=trials, num_trials_per_iter=min(trials, 32),
+            # a fresh builder worker spends 15-30 s importing TVM's tensor intrinsics on 2 cores before its
+            # first build; a long timeout lets it (an initializer doing the import costs that twice per task)
+            builder=ms.builder.LocalBuilder(timeout_sec=120),
+            measure_callbacks=callbacks, num_tuning_cores=int(target.attrs.get("num-cores", 1)), seed=seed,
+            strategy=ms.search_strategy.EvolutionarySearch(
+                # the default 512 candidates per round cost minutes on 2 cores for a budget of a few trials
+                population_size=min(512, 32 * trials), init_min_unmeasured=min(50, 8 * trials)))
+        records = [r for r in database.get_all_tuning_records() if r.run_secs]
+    return min(records, key=_mean_seconds, default=None)
+
+
+def _mean_seconds(record) -> float:
+    return sum(float(s) for s in record.run_secs) / len(record.run_secs)
+
+
+def tune(mod: tvm.IRModule, target: tvm.target.Target, expected: dict, out: Path, trials: int = 64,
+         max_seconds: float | None = None, progress: bool = True) -> dict:
+    """Tune the decode GEMMs of an optimized module (ir.pipeline.optimize) into the database at out, whose
+    records are valid for the `expected` fingerprint."""
+    db = TuningDatabase.open(out, expected, create=True)
+    if not db.matches(expected):
+        raise GptjError(f"{out}: tuned on other hardware or for another target/dtype; choose another output")
+    db.save()  # the output exists from the start, even if no task finishes
+    tasks = decode_tasks(mod, target)
+    budget = spread_trials(tasks, trials)
+    start = time.perf_counter()
+    summary = {"tasks": len(tasks), "resumed": 0, "tuned": 0, "skipped_for_time": 0}
+    seconds_per_trial = None
+    for i, task in enumerate(tasks):
+        if task.key in db.records:
+            summary["resumed"] += 1
+            continue
+        n = budget[task.key]
+        if max_seconds is not None:
+            left = max_seconds - (time.perf_counter() - start)
+            if seconds_per_trial is not None:
+                n = min(n, int(left / seconds_per_trial))
+            if left <= 0 or n < MIN_TRIALS:
+                summary["skipped_for_time"] += 1
+                continue
+        task_start = time.perf_counter()
+        with tqdm(total=n, desc=f"task {i + 1}/{len(tasks)} {task.name}", unit="trial", disable=not progress,
+                  file=sys.stderr) as bar:
+            record = tune_task(task, target, n, bar)
+        seconds_per_trial = (time.perf_counter() - task_start) / n
+        if record is not None:
+            db.add(task.key, record, n)
+            db.save()
+            summary["tuned"] += 1
+    summary["seconds"] = time.perf_counter() - start
+    return summary

@@ -1,0 +1,85 @@
+"""MetaSchedule tuning on the tiny model with a tiny trial budget: the database, resume, compile with it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+import gptj_tvm
+from gptj_tvm.cli import main
+
+
+@pytest.fixture(scope="session")
+def tuned(tmp_path_factory, checkpoint):
+    """A database tuned in two runs: the first stops after one task (--max-seconds), the second resumes."""
+    db = tmp_path_factory.mktemp("tuning") / "tiny.json"
+    model = checkpoint("tiny")
+    args = ["tune", str(model), "-o", str(db), "--trials", "1", "--max-seconds", "1", "--quiet"]
+    assert main(args) == 0
+    first = json.loads(db.read_text())
+    assert main(args) == 0
+    second = json.loads(db.read_text())
+    return {"db": db, "first": first, "second": second}
+
+
+def test_tune_writes_a_database_keyed_by_this_hardware(tuned):
+    first = tuned["first"]
+    assert first["format"] == 1 and len(first["records"]) == 1
+    assert first["fingerprint"]["target"]["kind"] == "llvm" and first["fingerprint"]["dtype"] == "float32"
+    assert first["fingerprint"]["isa"]  # the CPU's ISA extensions are part of the key
+    record = next(iter(first["records"].values()))
+    assert record["latency_us"] > 0 and record["trials"] >= 2
+
+
+def test_interrupted_tune_resumes(tuned):
+    first, second = tuned["first"]["records"], tuned["second"]["records"]
+    assert len(second) == 2
+    assert all(second[key] == value for key, value in first.items())  # the first run's task kept, not redone
+
+
+def test_compile_with_the_database_gives_the_same_logits(tuned, artifact, checkpoint, tmp_path, capsys):
+    out = tmp_path / "tuned-artifact"
+    assert main(["compile", str(checkpoint("tiny")), "-o", str(out), "--tuning-db", str(tuned["db"])]) == 0
+    assert "schedules: 2 kernels tuned" in capsys.readouterr().out
+    ids = [464, 10730, 29598, 11, 290, 262, 2068]
+    expected = gptj_tvm.load(artifact("tiny")).logits(ids)
+    actual = gptj_tvm.load(out).logits(ids)
+    assert np.max(np.abs(actual - expected)) / np.max(np.abs(expected)) < 1e-5
+    assert main(["inspect", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert sum(k["schedule"] == "tuned" for k in report["kernels"].values() if k["decode_calls"]) == 2
+
+
+def test_database_from_other_hardware_is_ignored_with_a_warning(tuned, checkpoint, tmp_path, capsys):
+    other = tmp_path / "other.json"
+    shutil.copyfile(tuned["db"], other)
+    raw = json.loads(other.read_text())
+    raw["fingerprint"]["cpu"] = "AMD EPYC 9R14 96-Core Processor"
+    raw["fingerprint"]["isa"] = ["avx2", "avx512f", "avx512_bf16"]
+    other.write_text(json.dumps(raw))
+    out = tmp_path / "artifact"
+    assert main(["compile", str(checkpoint("tiny")), "-o", str(out), "--tuning-db", str(other), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: ignoring tuning database" in err and "cpu" in err
+    meta = json.loads((out / "metadata.json").read_text())
+    assert "tuned" not in meta["kernels"].values() and meta["tuning_db"] is None
+
+
+def test_tune_refuses_to_mix_hardware_in_one_database(tuned, checkpoint, tmp_path, capsys):
+    other = tmp_path / "other.json"
+    raw = json.loads(tuned["db"].read_text())
+    raw["fingerprint"]["cpu"] = "another CPU"
+    other.write_text(json.dumps(raw))
+    code = main(["tune", str(checkpoint("tiny")), "-o", str(other), "--trials", "1", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 1 and "other hardware" in err and len(err.strip().splitlines()) == 1
+
+
+def test_missing_tuning_database_is_one_line(checkpoint, tmp_path, capsys):
+    code = main(["compile", str(checkpoint("tiny")), "-o", str(tmp_path / "a"), "--tuning-db",
+                 str(tmp_path / "none.json"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 1 and "no such tuning database" in err and len(err.strip().splitlines()) == 1

@@ -65,17 +65,25 @@ class TuningDatabase:
             Path(tmp).unlink(missing_ok=True)
             raise
 
-    def add(self, task: str, record: ms.database.TuningRecord, trials: int) -> None:
+    def add(self, task: str, record: ms.database.TuningRecord, trials: int, default_us: float) -> None:
         self.records[task] = {
             "workload": record.workload.as_json(),
             "record": record.as_json(),
             "latency_us": 1e6 * sum(float(s) for s in record.run_secs) / max(len(record.run_secs), 1),
+            "default_us": default_us,
             "trials": trials,
         }
 
+    @staticmethod
+    def beats_default(entry: dict) -> bool:
+        return entry["latency_us"] < entry["default_us"]
+
     def to_memory_database(self) -> ms.database.MemoryDatabase:
+        """The records that beat their kernel's default schedule (a small budget can find worse ones)."""
         db = ms.database.MemoryDatabase(module_equality="structural")
         for entry in self.records.values():
+            if not self.beats_default(entry):
+                continue
             workload = db.commit_workload(ms.database.Workload.from_json(entry["workload"]).mod)
             db.commit_tuning_record(ms.database.TuningRecord.from_json(entry["record"], workload))
         return db

@@ -17,6 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import tvm
 import tvm_ffi
 from tqdm import tqdm
@@ -28,6 +29,7 @@ from tvm.ir.utils import derived_object
 from gptj_tvm.errors import GptjError
 
 from .database import TuningDatabase, workload_module
+from .measure import random_args, time_ms
 from .default import apply_default_schedules
 
 MIN_TRIALS = 2
@@ -138,6 +140,12 @@ def _mean_seconds(record) -> float:
     return sum(float(s) for s in record.run_secs) / len(record.run_secs)
 
 
+def default_ms(task: Task, target: tvm.target.Target) -> float:
+    """The task's time with its default schedule, measured like the tuned one (alone, random inputs)."""
+    scheduled, _ = apply_default_schedules(task.module(), target)
+    return time_ms(scheduled["main"], target, random_args(task.func, np.random.default_rng(0)))
+
+
 def tune(mod: tvm.IRModule, target: tvm.target.Target, expected: dict, out: Path, trials: int = 64,
          max_seconds: float | None = None, progress: bool = True) -> dict:
     """Tune the decode GEMMs of an optimized module (ir.pipeline.optimize) into the database at out, whose
@@ -169,7 +177,7 @@ def tune(mod: tvm.IRModule, target: tvm.target.Target, expected: dict, out: Path
             record = tune_task(task, target, n, bar)
         seconds_per_trial = (time.perf_counter() - task_start) / n
         if record is not None:
-            db.add(task.key, record, n)
+            db.add(task.key, record, n, default_us=1e3 * default_ms(task, target))
             db.save()
             summary["tuned"] += 1
     summary["seconds"] = time.perf_counter() - start

@@ -26,7 +26,7 @@ def rules_for(target: tvm.target.Target) -> list:
 TUNED = "tuned"
 
 
-def apply_default_schedules(mod: tvm.IRModule, target: tvm.target.Target,
+def schedule_kernels(mod: tvm.IRModule, target: tvm.target.Target,
                             tuned=None) -> tuple[tvm.IRModule, dict[str, str]]:
     """A new module with every unscheduled PrimFunc scheduled: from `tuned` (a MetaSchedule database) where it
     has the kernel, else by the first default rule that takes it; and {kernel name: "tuned" |

@@ -24,9 +24,12 @@ def random_args(func: tvm.tirx.PrimFunc, rng: np.random.Generator, dynamic: int 
     return args
 
 
-def time_ms(func: tvm.tirx.PrimFunc, target: tvm.target.Target, args: list, repeat: int = 5) -> float:
-    """Best of `repeat` runs (each the mean of 3 calls), in milliseconds."""
+def time_ms(func: tvm.tirx.PrimFunc, target: tvm.target.Target, args: list, repeat: int = 10) -> float:
+    """Best of `repeat` calls in milliseconds, each after flushing every argument but the first (the input
+    vector) from the caches: a server's last-level cache can hold one weight matrix (this Xeon: hundreds of
+    MiB), but a decode step's 28 layers never fit, so a kernel is timed reading its weights from memory."""
     with target:
         lib = tvm.tirx.build(workload_module(func), target=target)
-    timer = lib.time_evaluator("main", tvm.cpu(), number=3, repeat=repeat)
+    timer = lib.time_evaluator("main", tvm.cpu(), number=1, repeat=repeat,
+                               f_preproc="cache_flush_cpu_non_first_arg")
     return 1e3 * min(timer(*args).results)

@@ -30,7 +30,7 @@ from gptj_tvm.errors import GptjError
 
 from .database import TuningDatabase, workload_module
 from .measure import random_args, time_ms
-from .default import apply_default_schedules
+from .default import schedule_kernels
 
 MIN_TRIALS = 2
 
@@ -67,7 +67,7 @@ def _bytes_read(func: tvm.tirx.PrimFunc) -> int:
 
 def decode_tasks(mod: tvm.IRModule, target: tvm.target.Target) -> list[Task]:
     """The GEMM kernels (those the default rules schedule as matmuls) that one decode step calls."""
-    _, report = apply_default_schedules(mod, target)
+    _, report = schedule_kernels(mod, target)
     calls: dict[str, int] = {}
     for block in mod["decode"].body.blocks:
         for binding in block.bindings:
@@ -128,6 +128,9 @@ def tune_task(task: Task, target: tvm.target.Target, trials: int, bar: tqdm, see
             # a fresh builder worker spends 15-30 s importing TVM's tensor intrinsics on 2 cores before its
             # first build; a long timeout lets it (an initializer doing the import costs that twice per task)
             builder=ms.builder.LocalBuilder(timeout_sec=120),
+            # measured as measure.time_ms measures: weights flushed from the caches before every call
+            runner=ms.runner.LocalRunner(evaluator_config=ms.runner.EvaluatorConfig(
+                number=1, repeat=5, min_repeat_ms=0, enable_cpu_cache_flush=True)),
             measure_callbacks=callbacks, num_tuning_cores=int(target.attrs.get("num-cores", 1)), seed=seed,
             strategy=ms.search_strategy.EvolutionarySearch(
                 # the default 512 candidates per round cost minutes on 2 cores for a budget of a few trials
@@ -142,7 +145,7 @@ def _mean_seconds(record) -> float:
 
 def default_ms(task: Task, target: tvm.target.Target) -> float:
     """The task's time with its default schedule, measured like the tuned one (alone, random inputs)."""
-    scheduled, _ = apply_default_schedules(task.module(), target)
+    scheduled, _ = schedule_kernels(task.module(), target)
     return time_ms(scheduled["main"], target, random_args(task.func, np.random.default_rng(0)))
 
 

@@ -24,7 +24,7 @@ from gptj_tvm.frontend.weights import Checkpoint, write_shards
 from gptj_tvm.ir import pipeline
 from gptj_tvm.runtime import artifact
 from gptj_tvm.schedules.database import TuningDatabase
-from gptj_tvm.schedules.default import apply_default_schedules
+from gptj_tvm.schedules.default import schedule_kernels
 
 from .resolve import resolve_target, tuning_fingerprint
 
@@ -46,7 +46,7 @@ def build_library(config: GPTJConfig, dtype: str, target: tvm.target.Target, out
     report: dict[str, str] = {}
 
     def schedule(module):
-        scheduled, kinds = apply_default_schedules(module, target, tuned)
+        scheduled, kinds = schedule_kernels(module, target, tuned)
         report.update(kinds)
         return scheduled
 

@@ -77,16 +77,6 @@ def numpy_block_ms(d: int, ff: int, heads: int, repeats: int = 5) -> float:
     return 1e3 * min(times)
 
 
-def decode_calls(mod: tvm.IRModule) -> list[str]:
-    names = []
-    for block in mod["decode"].body.blocks:
-        for binding in block.bindings:
-            value = binding.value
-            if isinstance(value, tvm.relax.Call) and value.op.name in ("relax.call_tir", "relax.call_tir_inplace"):
-                names.append(value.args[0].name_hint)
-    return list(dict.fromkeys(names))
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=64)
@@ -119,7 +109,7 @@ def main(argv=None) -> int:
             "trials": db.records.get(task.key, {}).get("trials"),
         })
     others = {}
-    for name in decode_calls(mod):
+    for name in dict.fromkeys(pipeline.kernel_calls(mod, "decode")):
         if name in ("rotary_append", "attention") or name.startswith("fused_layer_norm"):
             others[name] = time_ms(mod[name], target, random_args(mod[name], rng, scalar=CONTEXT))
     lm_head = [t.name for t in tasks if int(t.func.params[-1].ty.shape[-1]) == config.padded_vocab_size]

@@ -69,7 +69,7 @@ class GPTJConfig:
         need(self.n_embd % self.n_head == 0, f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
         need(self.rotary_dim % 2 == 0 and self.rotary_dim <= self.head_dim,
              f"rotary_dim {self.rotary_dim} must be even and at most head_dim {self.head_dim}")
-        need(isinstance(self.d_ff, int) and self.d_ff > 0, f"n_inner must be null or a positive integer")
+        need(isinstance(self.d_ff, int) and self.d_ff > 0, "n_inner must be null or a positive integer")
         need(0 <= self.eos_token_id < self.vocab_size, f"eos_token_id {self.eos_token_id} is outside the vocab")
         need(self.torch_dtype in DTYPES, f"dtype {self.torch_dtype!r} is not one of {', '.join(DTYPES)}")
         return self

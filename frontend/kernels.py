@@ -71,7 +71,7 @@ def attention(config: GPTJConfig, dtype: str, out_width: int):
     """(q [1, n, n_head, head_dim], k_cache, v_cache, out [1, n, out_width], total) -> out, with
     out[:, t, :n_embd] = causal softmax(q k^T / sqrt(head_dim)) v over cache positions 0 .. total - n + t,
     scores, softmax and the weighted sum in float32. Written in place: out may already hold other columns."""
-    H, D, P, d = config.n_head, config.head_dim, config.n_positions, config.n_embd
+    H, D, P = config.n_head, config.head_dim, config.n_positions
     scale = float(1.0 / (D ** 0.5))
 
     @T.prim_func(private=True, s_tir=True)

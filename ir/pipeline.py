@@ -60,6 +60,17 @@ def lowering_passes() -> list[tvm.transform.Pass]:
     ]
 
 
+def kernel_calls(mod: tvm.IRModule, function: str) -> list[str]:
+    """Names of the PrimFuncs a Relax function calls (call_tir and call_tir_inplace), in order, with repeats."""
+    calls = []
+    for block in mod[function].body.blocks:
+        for binding in block.bindings:
+            value = binding.value
+            if isinstance(value, relax.Call) and value.op.name in ("relax.call_tir", "relax.call_tir_inplace"):
+                calls.append(value.args[0].name_hint)
+    return calls
+
+
 def optimize(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     """Phases 1-2: the fused, legalized module whose PrimFuncs are the kernels to schedule (or tune)."""
     with target:

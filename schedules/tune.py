@@ -11,6 +11,7 @@ the same output resumes where the first stopped.
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 import math
 import sys
 import tempfile
@@ -21,12 +22,12 @@ import numpy as np
 import tvm
 import tvm_ffi
 from tqdm import tqdm
-from tvm import relax
 from tvm.s_tir import meta_schedule as ms
 from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
 from tvm.ir.utils import derived_object
 
 from gptj_tvm.errors import GptjError
+from gptj_tvm.ir.pipeline import kernel_calls
 
 from .database import TuningDatabase, workload_module
 from .measure import random_args, time_ms
@@ -68,13 +69,7 @@ def _bytes_read(func: tvm.tirx.PrimFunc) -> int:
 def decode_tasks(mod: tvm.IRModule, target: tvm.target.Target) -> list[Task]:
     """The GEMM kernels (those the default rules schedule as matmuls) that one decode step calls."""
     _, report = schedule_kernels(mod, target)
-    calls: dict[str, int] = {}
-    for block in mod["decode"].body.blocks:
-        for binding in block.bindings:
-            value = binding.value
-            if isinstance(value, relax.Call) and value.op.name in ("relax.call_tir", "relax.call_tir_inplace"):
-                name = value.args[0].name_hint
-                calls[name] = calls.get(name, 0) + 1
+    calls = Counter(kernel_calls(mod, "decode"))
     tasks = {}
     for name, count in calls.items():
         if report.get(name) != "default CPUMatmul":

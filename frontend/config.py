@@ -27,6 +27,12 @@ LM_HEAD_PAD = 512
 WEIGHT_TILES = (512, 256, 128, 64, 32, 16, 8)
 
 
+# Where a compiled model's linear weights live: CPU kernels read column tiles (above); GPU GEMVs (dlight's GEMV
+# rule: one warp group per output row, a cross-thread sum) read Hugging Face's own [out, in] rows.
+COLUMN_TILES, ROWS = "column-tiles", "rows"
+WEIGHT_LAYOUTS = (COLUMN_TILES, ROWS)
+
+
 def weight_tile(out_features: int) -> int:
     """The column tile of a [in, out_features] weight: the widest of WEIGHT_TILES that divides it."""
     return next((t for t in WEIGHT_TILES if out_features % t == 0), out_features)

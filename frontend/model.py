@@ -1,7 +1,8 @@
 """GPT-J as a Relax `nn.Module`: the math of GPTJ-MATH.md, with a KV cache, batch 1.
 
 Weights are stored in the layout the kernels read (see `weights.py` for the map from Hugging Face names):
-every linear weight is [in_features, out_features], so `y = x @ W + b` runs with no transpose. Half-precision
+for the CPU, linear weights are [in_features, out_features] in column tiles; for GPUs, [out_features,
+in_features] rows (the `Variant`). No kernel transposes a weight at run time. Half-precision
 models keep the residual stream, LayerNorm statistics, rotary angles, softmax and matmul accumulation in
 float32; the model dtype is what the weights, the KV cache and the GEMMs' inputs are stored in.
 
@@ -16,29 +17,49 @@ columns (config.padded_vocab_size - vocab_size) are meaningless; the runtime dro
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from tvm import relax, te, tirx
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 
-from . import kernels
-from .config import GELU_NEW_COEFF, GELU_NEW_SCALE, GPTJConfig, weight_tile
+from . import gpu_kernels, kernels
+from .config import COLUMN_TILES, GELU_NEW_COEFF, GELU_NEW_SCALE, ROWS, GPTJConfig, weight_tile
 
 F32 = "float32"
 
 
-class Linear(nn.Module):
-    """y = x @ W + bias with W [in, out] stored in column tiles [out / t, in, t] (weights.tiled); accumulates
-    in float32. Biases are stored in float32: they are tiny, and a cast of a weight would run every step."""
+@dataclass(frozen=True)
+class Variant:
+    """What differs between devices: the linear weights' layout, and the attention kernels' form (kernels.py's
+    CPU kernels, or gpu_kernels.py's thread-block kernels with these loops)."""
+    weight_layout: str = COLUMN_TILES
+    gpu_loops: gpu_kernels.Loops | None = None
 
-    def __init__(self, in_features: int, out_features: int, dtype: str, bias: bool):
-        tile = weight_tile(out_features)
-        self.weight = nn.Parameter((out_features // tile, in_features, tile), dtype)
+
+CPU = Variant()
+GPU = Variant(ROWS, gpu_kernels.Loops(gpu=True))
+GPU_ON_CPU = Variant(ROWS, gpu_kernels.Loops(gpu=False))  # the GPU graph, runnable on a CPU: tests its math
+
+
+class Linear(nn.Module):
+    """y = x @ W + bias, accumulated in float32, with W [in, out] stored in column tiles [out / t, in, t]
+    (weights.tiled) or as [out, in] rows (layout ROWS). Biases are stored in float32: they are tiny, and a
+    cast of a weight would run every step."""
+
+    def __init__(self, in_features: int, out_features: int, dtype: str, bias: bool, layout: str = COLUMN_TILES):
+        if layout == ROWS:
+            self.weight = nn.Parameter((out_features, in_features), dtype)
+        else:
+            tile = weight_tile(out_features)
+            self.weight = nn.Parameter((out_features // tile, in_features, tile), dtype)
         self.bias = nn.Parameter((out_features,), F32) if bias else None
         self.dtype = dtype
+        self.layout = layout
 
     def forward_f32(self, x: nn.Tensor) -> nn.Tensor:
         """The float32 result, before rounding to the model dtype."""
-        y = tiled_matmul(x, self.weight)
+        y = rows_matmul(x, self.weight) if self.layout == ROWS else tiled_matmul(x, self.weight)
         return y + self.bias if self.bias is not None else y
 
     def forward(self, x: nn.Tensor) -> nn.Tensor:
@@ -56,6 +77,19 @@ def tiled_matmul(x: nn.Tensor, weight: nn.Tensor) -> nn.Tensor:
             (x.shape[0], x.shape[1], tiles * tile),
             lambda b, t, j: te.sum(x[b, t, k].astype(F32) * w[j // tile, k, j % tile].astype(F32), axis=k),
             name="matmul")
+
+    return op.tensor_expr_op(compute, "matmul", [x, weight])
+
+
+def rows_matmul(x: nn.Tensor, weight: nn.Tensor) -> nn.Tensor:
+    """x [b, n, in] @ W^T, with W [out, in]; float32 result."""
+    out_extent, k_extent = (int(s) for s in weight.shape)
+
+    def compute(x: te.Tensor, w: te.Tensor):
+        k = te.reduce_axis((0, k_extent), name="k")
+        return te.compute((x.shape[0], x.shape[1], out_extent),
+                          lambda b, t, j: te.sum(x[b, t, k].astype(F32) * w[j, k].astype(F32), axis=k),
+                          name="matmul")
 
     return op.tensor_expr_op(compute, "matmul", [x, weight])
 
@@ -99,14 +133,18 @@ class Cache:
         self.keys, self.values = keys, values
 
 
-def rotary_append(config: GPTJConfig, dtype: str, qkv: nn.Tensor, rotary: "Rotary", cache: Cache,
-                  total: tirx.PrimExpr, ffn_offset: int | None) -> tuple[nn.Tensor, nn.Tensor]:
+def rotary_append(config: GPTJConfig, dtype: str, variant: Variant, qkv: nn.Tensor, rotary: "Rotary",
+                  cache: Cache, total: tirx.PrimExpr, ffn_offset: int | None) -> tuple[nn.Tensor, nn.Tensor]:
     """Rotates q and k, appends k and v to the cache (one kernel); with ffn_offset, also gelu_new of the FFN
     columns into out[:, :, d:]. Returns q and out [1, n, d (+ d_ff)]."""
     _, n, width = qkv.shape
     out_width = config.n_embd + (config.d_ff if ffn_offset is not None else 0)
+    if variant.gpu_loops is None:
+        kernel = kernels.rotary_append(config, dtype, int(width), ffn_offset)
+    else:
+        kernel = gpu_kernels.rotary_append(config, dtype, int(width), ffn_offset, variant.gpu_loops)
     keys, values, q, out = op.tensor_ir_inplace_op(
-        kernels.rotary_append(config, dtype, int(width), ffn_offset), "rotary_append",
+        kernel, "rotary_append",
         [qkv, rotary.cos, rotary.sin, cache.keys, cache.values, total],
         [3, 4, -1, -1],
         [nn.Tensor.placeholder([config.n_positions, config.n_head, config.head_dim], dtype)] * 2
@@ -116,35 +154,41 @@ def rotary_append(config: GPTJConfig, dtype: str, qkv: nn.Tensor, rotary: "Rotar
     return q, out
 
 
-def attention(config: GPTJConfig, dtype: str, q: nn.Tensor, cache: Cache, out: nn.Tensor,
+def attention(config: GPTJConfig, dtype: str, variant: Variant, q: nn.Tensor, cache: Cache, out: nn.Tensor,
               total: tirx.PrimExpr) -> nn.Tensor:
     """Causal attention of q over the cache, written into out[:, :, :n_embd] (in place)."""
+    width = int(out.shape[2])
+    if variant.gpu_loops is None:
+        kernel = kernels.attention(config, dtype, width)
+    else:
+        kernel = gpu_kernels.attention(config, dtype, width, variant.gpu_loops)
     return op.tensor_ir_inplace_op(
-        kernels.attention(config, dtype, int(out.shape[2])), "attention",
+        kernel, "attention",
         [q, cache.keys, cache.values, out, total], [3], nn.Tensor.placeholder(out.shape, dtype))
 
 
 class Attention(nn.Module):
-    def __init__(self, config: GPTJConfig, dtype: str):
-        d = config.n_embd
-        self.q_proj = Linear(d, d, dtype, bias=False)
-        self.k_proj = Linear(d, d, dtype, bias=False)
-        self.v_proj = Linear(d, d, dtype, bias=False)
-        self.out_proj = Linear(d, d, dtype, bias=False)
+    def __init__(self, config: GPTJConfig, dtype: str, variant: Variant):
+        d, layout = config.n_embd, variant.weight_layout
+        self.q_proj = Linear(d, d, dtype, bias=False, layout=layout)
+        self.k_proj = Linear(d, d, dtype, bias=False, layout=layout)
+        self.v_proj = Linear(d, d, dtype, bias=False, layout=layout)
+        self.out_proj = Linear(d, d, dtype, bias=False, layout=layout)
         self.config = config
         self.dtype = dtype
+        self.variant = variant
 
     def forward(self, x: nn.Tensor, rotary: "Rotary", cache: Cache, total: tirx.PrimExpr):
         qkv = op.concat([self.q_proj.forward_f32(x), self.k_proj.forward_f32(x), self.v_proj.forward_f32(x)],
                         dim=2)
-        q, out = rotary_append(self.config, self.dtype, qkv, rotary, cache, total, ffn_offset=None)
-        return self.out_proj.forward_f32(attention(self.config, self.dtype, q, cache, out, total))
+        q, out = rotary_append(self.config, self.dtype, self.variant, qkv, rotary, cache, total, ffn_offset=None)
+        return self.out_proj.forward_f32(attention(self.config, self.dtype, self.variant, q, cache, out, total))
 
 
 class MLP(nn.Module):
-    def __init__(self, config: GPTJConfig, dtype: str):
-        self.fc_in = Linear(config.n_embd, config.d_ff, dtype, bias=True)
-        self.fc_out = Linear(config.d_ff, config.n_embd, dtype, bias=True)
+    def __init__(self, config: GPTJConfig, dtype: str, variant: Variant):
+        self.fc_in = Linear(config.n_embd, config.d_ff, dtype, bias=True, layout=variant.weight_layout)
+        self.fc_out = Linear(config.d_ff, config.n_embd, dtype, bias=True, layout=variant.weight_layout)
         self.dtype = dtype
 
     def forward(self, x: nn.Tensor) -> nn.Tensor:
@@ -156,12 +200,13 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """The plain parallel residual: h + Attn(LN(h)) + FFN(LN(h)), one LayerNorm, separate projections."""
 
-    def __init__(self, config: GPTJConfig, dtype: str):
+    def __init__(self, config: GPTJConfig, dtype: str, variant: Variant = CPU):
         self.ln_1 = LayerNorm(config.n_embd, config.layer_norm_epsilon, dtype)
-        self.attn = Attention(config, dtype)
-        self.mlp = MLP(config, dtype)
+        self.attn = Attention(config, dtype, variant)
+        self.mlp = MLP(config, dtype, variant)
         self.config = config
         self.dtype = dtype
+        self.variant = variant
 
     def forward(self, h: nn.Tensor, rotary: "Rotary", cache: Cache, total: tirx.PrimExpr) -> nn.Tensor:
         x = self.ln_1(h)
@@ -175,19 +220,20 @@ class FusedBlock(nn.Module):
     Five kernels: LayerNorm, the W_in GEMM (+ bias), rotary + cache append + gelu_new, attention, and the W_out
     GEMM (+ bias + residual)."""
 
-    def __init__(self, config: GPTJConfig, dtype: str):
+    def __init__(self, config: GPTJConfig, dtype: str, variant: Variant = CPU):
         d, ff = config.n_embd, config.d_ff
         self.ln_1 = LayerNorm(d, config.layer_norm_epsilon, dtype)
-        self.w_in = Linear(d, 3 * d + ff, dtype, bias=True)
-        self.w_out = Linear(d + ff, d, dtype, bias=True)
+        self.w_in = Linear(d, 3 * d + ff, dtype, bias=True, layout=variant.weight_layout)
+        self.w_out = Linear(d + ff, d, dtype, bias=True, layout=variant.weight_layout)
         self.config = config
         self.dtype = dtype
+        self.variant = variant
 
     def forward(self, h: nn.Tensor, rotary: "Rotary", cache: Cache, total: tirx.PrimExpr) -> nn.Tensor:
         c = self.config
         qkvf = self.w_in.forward_f32(self.ln_1(h))
-        q, attn_ffn = rotary_append(c, self.dtype, qkvf, rotary, cache, total, ffn_offset=3 * c.n_embd)
-        attn_ffn = attention(c, self.dtype, q, cache, attn_ffn, total)
+        q, attn_ffn = rotary_append(c, self.dtype, self.variant, qkvf, rotary, cache, total, ffn_offset=3 * c.n_embd)
+        attn_ffn = attention(c, self.dtype, self.variant, q, cache, attn_ffn, total)
         return self.w_out.forward_f32(attn_ffn) + h
 
 
@@ -198,14 +244,16 @@ class Rotary(nn.Module):
 
 
 class GPTJ(nn.Module):
-    def __init__(self, config: GPTJConfig, dtype: str):
+    def __init__(self, config: GPTJConfig, dtype: str, variant: Variant = CPU):
         self.config = config
         self.dtype = dtype
+        self.variant = variant
         self.wte = nn.Parameter((config.vocab_size, config.n_embd), dtype)
         self.rotary = Rotary(config)
-        self.h = nn.ModuleList([Block(config, dtype) for _ in range(config.n_layer)])
+        self.h = nn.ModuleList([Block(config, dtype, variant) for _ in range(config.n_layer)])
         self.ln_f = LayerNorm(config.n_embd, config.layer_norm_epsilon, dtype)
-        self.lm_head = Linear(config.n_embd, config.padded_vocab_size, dtype, bias=True)  # zero-padded columns
+        self.lm_head = Linear(config.n_embd, config.padded_vocab_size, dtype, bias=True,  # zero-padded columns
+                              layout=variant.weight_layout)
 
     def _hidden(self, input_ids: nn.Tensor, caches, total: tirx.PrimExpr) -> nn.Tensor:
         h = op.reshape(embed(self.wte, op.reshape(input_ids, (-1,))), (1, input_ids.shape[1], -1))

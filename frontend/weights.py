@@ -20,7 +20,7 @@ from safetensors.numpy import save_file
 
 from gptj_tvm.errors import GptjError
 
-from .config import GPTJConfig, rotary_tables, weight_tile
+from .config import COLUMN_TILES, ROWS, GPTJConfig, rotary_tables, weight_tile
 
 NUMPY_DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16),
                 "bfloat16": np.dtype(ml_dtypes.bfloat16)}
@@ -159,26 +159,33 @@ class Checkpoint:
         except (SafetensorError, OSError, ValueError) as err:
             raise GptjError(f"{path}: cannot read tensor {hf_name} ({err})") from None
 
-    def converted(self, dtype: str, fuse_block: bool = True) -> Iterator[tuple[str, np.ndarray]]:
-        """Our tensors in our layout and `dtype`, one at a time; the rotary tables (float32) come first."""
+    def converted(self, dtype: str, fuse_block: bool = True,
+                  layout: str = COLUMN_TILES) -> Iterator[tuple[str, np.ndarray]]:
+        """Our tensors in our layout and `dtype`, one at a time; the rotary tables (float32) come first.
+        Linear weights go to `layout`: [in, out] in column tiles, or HF's own [out, in] rows (ROWS)."""
         cos, sin = rotary_tables(self.config)
         yield "rotary.cos", cos
         yield "rotary.sin", sin
         for ours, src in hf_name_map(self.config, fuse_block).items():
             # vectors (LayerNorm, biases) stay float32 whatever the dtype: the model reads them in float32
             target = NUMPY_DTYPES[dtype] if len(src.parts[0].hf_shape) == 2 else np.dtype(np.float32)
+            linear = any(part.transpose for part in src.parts)
+            rows = linear and layout == ROWS  # the HF layout already: nothing to transpose
             pieces = []
             for part in src.parts:
                 if part.hf_name is None:
                     pieces.append(np.zeros(part.hf_shape, dtype=target))
                     continue
                 tensor = self.read(part.hf_name).astype(target, copy=False)
-                pieces.append(_transposed(tensor) if part.transpose else tensor)
-            tensor = pieces[0] if len(pieces) == 1 else np.concatenate(pieces, axis=src.axis)
-            if src.pad_last_to is not None and src.pad_last_to > tensor.shape[-1]:
-                padding = [(0, 0)] * (tensor.ndim - 1) + [(0, src.pad_last_to - tensor.shape[-1])]
+                pieces.append(_transposed(tensor) if part.transpose and not rows else tensor)
+            axis = 1 - src.axis if rows else src.axis  # the map's axes are those of [in, out]
+            tensor = pieces[0] if len(pieces) == 1 else np.concatenate(pieces, axis=axis)
+            out_axis = 0 if rows else tensor.ndim - 1
+            if src.pad_last_to is not None and src.pad_last_to > tensor.shape[out_axis]:
+                padding = [(0, 0)] * tensor.ndim
+                padding[out_axis] = (0, src.pad_last_to - tensor.shape[out_axis])
                 tensor = np.pad(tensor, padding)
-            if any(part.transpose for part in src.parts):  # a linear weight: [in, out] -> [out / t, in, t]
+            if linear and not rows:  # [in, out] -> [out / t, in, t]
                 tensor = tiled(tensor)
             yield ours, np.ascontiguousarray(tensor)
 

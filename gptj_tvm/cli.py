@@ -39,17 +39,33 @@ def cmd_init_random(args) -> int:
 def cmd_compile(args) -> int:
     from .targets.compile import compile_model  # noqa: PLC0415
 
-    meta = compile_model(args.model_dir, args.output, target=args.target, dtype=args.dtype,
-                         fuse_block=not args.no_fuse_block, tuning_db=args.tuning_db, progress=not args.quiet)
+    meta = compile_model(args.model_dir, args.output, target=args.target, dtype=args.dtype, arch=args.arch,
+                         fuse_block=not args.no_fuse_block, tuning_db=args.tuning_db, progress=not args.quiet,
+                         weights=not args.no_weights)
     if args.tuning_db and not args.quiet:
         kinds = list(meta["kernels"].values())
         tuned = kinds.count("tuned")
         print(f"schedules: {tuned} kernels tuned, {len(kinds) - tuned} default or hand-written")
     if not args.quiet:
         timings = meta["compile_timings"]
-        print(f"compiled {args.model_dir} -> {args.output} ({meta['dtype']}, {meta['target']['kind']} "
-              f"{meta['target'].get('mcpu', '')}): library {timings['library_s']:.1f} s, "
-              f"weights {timings['weights_s']:.1f} s")
+        weights = (f"weights {timings['weights_s']:.1f} s" if "weights_s" in timings else
+                   f"no weights yet (gptj-tvm convert-weights {args.model_dir} {args.output})")
+        print(f"compiled {args.model_dir} -> {args.output} ({meta['dtype']}, {_target_name(meta['target'])}): "
+              f"library {timings['library_s']:.1f} s, {weights}")
+    return 0
+
+
+def _target_name(target: dict) -> str:
+    return f"{target['kind']} {target.get('mcpu') or target.get('arch') or ''}".strip()
+
+
+def cmd_convert_weights(args) -> int:
+    from .targets.convert import convert_weights  # noqa: PLC0415  (numpy and safetensors; no TVM compiler)
+
+    meta = convert_weights(args.model_dir, args.artifact, progress=not args.quiet)
+    if not args.quiet:
+        print(f"converted {args.model_dir} into {args.artifact} ({meta['dtype']}, {meta['weight_layout']}): "
+              f"{len(meta['weight_files'])} files in {meta['compile_timings']['weights_s']:.1f} s")
     return 0
 
 
@@ -100,15 +116,17 @@ def cmd_generate(args) -> int:
 
 def cmd_inspect(args) -> int:
     _ensure_threads()
+    from .runtime.artifact import read_metadata  # noqa: PLC0415
+    from .runtime.engine import runnable_here  # noqa: PLC0415
     from .runtime.inspect import inspect_artifact  # noqa: PLC0415
 
-    report = inspect_artifact(args.artifact)
+    report = inspect_artifact(args.artifact, run=not args.no_run and runnable_here(read_metadata(Path(args.artifact))))
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    target = report["target"]
-    print(f"{report['artifact']}: {report['dtype']}, {target['kind']} {target.get('mcpu', '')}, "
+    print(f"{report['artifact']}: {report['dtype']}, {_target_name(report['target'])}, "
           f"{report['n_layer']} layers, {'fused' if report['fuse_block'] else 'plain'} blocks")
+    print(f"kernels counted from {report['kernels_counted_from']}")
     print(f"functions: {', '.join(report['functions'])}")
     print(f"weights: {report['weight_bytes'] / 2**20:.1f} MiB, {report['weight_bytes_per_block'] / 2**20:.1f} "
           "MiB per block")
@@ -170,13 +188,27 @@ def build_parser() -> argparse.ArgumentParser:
                                    "folder (library, converted weights, tokenizer, metadata).")
     p.add_argument("model_dir", help="checkpoint folder (config.json, *.safetensors)")
     p.add_argument("-o", "--output", required=True, help="artifact folder to write")
-    p.add_argument("--target", default="llvm", help="llvm (this host's CPU; default)")
+    p.add_argument("--target", default="llvm",
+                   help="llvm (this host's CPU; default) or cuda (NVIDIA GPUs; device code built here with nvcc)")
+    p.add_argument("--arch", help="CUDA GPU generation, e.g. sm_80 (A100), sm_89 (L4), sm_90 (H100); "
+                                  "default: the visible GPU's")
     p.add_argument("--dtype", help="float32, float16 or bfloat16 (default: the checkpoint's)")
     p.add_argument("--no-fuse-block", action="store_true",
                    help="keep each block's projections separate (the plain graph, for comparison and debugging)")
+    p.add_argument("--no-weights", action="store_true",
+                   help="build the library from config.json alone; add the weights later with convert-weights")
     p.add_argument("--tuning-db", help="a database from `gptj-tvm tune`: tuned schedules where it has them")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("convert-weights", help="add a checkpoint's weights to an artifact (no TVM compiler needed)",
+                       description="Convert a checkpoint's weights into an artifact made by `compile --no-weights` "
+                                   "(same config); needs numpy and safetensors only, so it runs where only TVM's "
+                                   "runtime is installed.")
+    p.add_argument("model_dir", help="checkpoint folder (config.json, *.safetensors)")
+    p.add_argument("artifact", help="artifact folder made by `gptj-tvm compile`")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=cmd_convert_weights)
 
     p = sub.add_parser("tune", help="tune the model's kernels for this hardware with MetaSchedule",
                        description="Tune the decode GEMM kernels with MetaSchedule (XGBoost cost model) into a "
@@ -213,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(counted from a real run), weight bytes, dtype, target, schedule per kernel.")
     p.add_argument("artifact", help="artifact folder made by `gptj-tvm compile`")
     p.add_argument("--json", action="store_true", help="one JSON object (stable key: decode_kernels_per_block)")
+    p.add_argument("--no-run", action="store_true",
+                   help="count kernels from the compiled graph instead of a run (the default where the "
+                        "artifact's device is missing)")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("demo", help="a tiny random GPT-J, compiled for this CPU, generating",

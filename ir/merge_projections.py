@@ -26,7 +26,7 @@ class _BlockMerger(Mutator):
     def visit_module(self, name: str, node: nn.Module):
         if isinstance(node, Block):
             self.merged += 1
-            return FusedBlock(node.config, node.dtype)
+            return FusedBlock(node.config, node.dtype, node.variant)
         return super().visit_module(name, node)
 
 

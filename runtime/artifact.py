@@ -41,10 +41,10 @@ def check_replaceable(out_dir: Path) -> None:
 
 
 def write_metadata(folder: Path, *, config: dict, dtype: str, target: dict, device: str, tvm_version: str,
-                   params: list[str], weight_files: list[str], functions: list[str], extra: dict | None = None):
-    files = {name: {"bytes": (folder / name).stat().st_size, "sha256": file_sha256(folder / name)}
-             for name in weight_files}
-    weights_hash = hashlib.sha256("".join(f["sha256"] for f in files.values()).encode()).hexdigest()
+                   params: list[str], weight_files: list[str] | None, functions: list[str],
+                   extra: dict | None = None):
+    """weight_files None: an artifact compiled without weights (`compile --no-weights`), which
+    `convert-weights` completes."""
     meta = {
         "format_version": FORMAT_VERSION,
         "config": config,
@@ -56,11 +56,18 @@ def write_metadata(folder: Path, *, config: dict, dtype: str, target: dict, devi
         "library": LIBRARY,
         "functions": functions,
         "params": params,
-        "weight_files": files,
-        "weights_sha256": weights_hash,
         "tokenizer": {"vocab": VOCAB, "merges": MERGES},
         **(extra or {}),
     }
+    return save_metadata(folder, meta, weight_files)
+
+
+def save_metadata(folder: Path, meta: dict, weight_files: list[str] | None) -> dict:
+    """meta with the weight files' sizes and hashes (or marked pending), written to folder/metadata.json."""
+    files = {name: {"bytes": (folder / name).stat().st_size, "sha256": file_sha256(folder / name)}
+             for name in weight_files or []}
+    meta = {**meta, "weight_files": files, "weights_pending": weight_files is None,
+            "weights_sha256": hashlib.sha256("".join(f["sha256"] for f in files.values()).encode()).hexdigest()}
     (folder / METADATA).write_text(json.dumps(meta, indent=2))
     return meta
 
@@ -84,6 +91,9 @@ def read_metadata(folder: Path) -> dict:
 
 
 def check_compatible(meta: dict, folder: Path, tvm_version: str) -> None:
+    if meta.get("weights_pending"):
+        raise GptjError(f"{folder}: compiled without weights; add them with "
+                        f"`gptj-tvm convert-weights MODEL_DIR {folder}`")
     if meta["tvm_version"] != tvm_version:
         raise GptjError(f"{folder}: built with TVM {meta['tvm_version']}, this is TVM {tvm_version}; "
                         "compile it again")

@@ -56,8 +56,10 @@ class Generator:
         if kind != meta["device"] or kind not in DEVICES:
             raise GptjError(f"{folder}: built for device {meta['device']!r}, not {kind!r}")
         dev = DEVICES[kind](0)
-        if not dev.exist:
+        if not _device_exists(dev):
             raise GptjError(f"{folder}: needs a {kind} device, and none is visible")
+        if kind == "cuda":
+            check_cuda_arch(folder, meta, dev)
         try:
             lib = tvm.runtime.load_module(str(folder / meta["library"]))
         except Exception as err:  # noqa: BLE001  (TVM raises many kinds; the user needs one line)
@@ -207,6 +209,29 @@ def finish_stats(stats: dict) -> None:
     stats["prefill_tokens_per_s"] = stats["prompt_tokens"] / stats["prefill_s"] if stats["prefill_s"] else 0.0
     steps = stats["decode_steps"]
     stats["decode_tokens_per_s"] = steps / stats["decode_s"] if steps and stats["decode_s"] else 0.0
+
+
+def runnable_here(meta: dict) -> bool:
+    """Whether this machine has the artifact's device (and the artifact its weights)."""
+    return meta["device"] in DEVICES and not meta.get("weights_pending") and _device_exists(DEVICES[meta["device"]](0))
+
+
+def _device_exists(device) -> bool:
+    try:
+        return bool(device.exist)
+    except Exception:  # noqa: BLE001  (TVM's CUDA runtime fails to load without a driver: no device)
+        return False
+
+
+def check_cuda_arch(folder: Path, meta: dict, device) -> None:
+    """Machine code for sm_XY runs on GPUs of compute capability X.Y and up (within a generation the
+    fatbin's PTX is JIT-compiled for newer ones); an older GPU cannot run it."""
+    built = str(meta["target"].get("arch", "sm_0"))
+    need = int("".join(ch for ch in built[len("sm_"):] if ch.isdigit()) or 0)
+    have = int(str(device.compute_version).replace(".", ""))
+    if have < need:
+        raise GptjError(f"{folder}: built for {built}, but this GPU ({device.device_name}) is "
+                        f"sm_{have}; compile it with --arch sm_{have}")
 
 
 def load_params(folder: Path, meta: dict, device) -> "tvm.runtime.Object":

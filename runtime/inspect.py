@@ -16,6 +16,7 @@ import numpy as np
 import tvm
 from safetensors import safe_open
 
+from . import artifact
 from .engine import Generator
 from .profiler import record_calls
 
@@ -55,14 +56,21 @@ def weight_bytes(folder: Path, meta: dict) -> tuple[int, int]:
 _ITEM_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1}
 
 
-def inspect_artifact(folder) -> dict:
+def inspect_artifact(folder, run: bool = True) -> dict:
+    """What the artifact holds; with run, the kernels are counted from one prefill and one decode step on the
+    artifact's device, else (no such device here, e.g. a CUDA artifact on a CPU machine) from the kernel calls
+    compile recorded from the compiled graph."""
     folder = Path(folder)
-    gen = Generator.load(folder)
-    meta, n_layer = gen.meta, int(gen.config["n_layer"])
-    cache = gen.new_cache()
-    prompt = list(range(1, PREFILL_TOKENS + 1))
-    prefill = _kernel_calls(gen, "prefill", prompt, cache, len(prompt))
-    decode = _kernel_calls(gen, "decode", [PREFILL_TOKENS + 1], cache, len(prompt) + 1)
+    meta = artifact.read_metadata(folder)
+    n_layer = int(meta["config"]["n_layer"])
+    if run:
+        gen = Generator.load(folder)
+        cache = gen.new_cache()
+        prompt = list(range(1, PREFILL_TOKENS + 1))
+        prefill = _kernel_calls(gen, "prefill", prompt, cache, len(prompt))
+        decode = _kernel_calls(gen, "decode", [PREFILL_TOKENS + 1], cache, len(prompt) + 1)
+    else:
+        prefill, decode = meta["kernel_calls"]["prefill"], meta["kernel_calls"]["decode"]
     decode_block, prefill_block = per_block(decode, n_layer), per_block(prefill, n_layer)
     total_bytes, block_bytes = weight_bytes(folder, meta)
     schedules = meta.get("kernels", {})
@@ -71,6 +79,7 @@ def inspect_artifact(folder) -> dict:
                       "prefill_calls": prefill.count(name)} for name in dict.fromkeys(prefill + decode)}
     return {
         "artifact": str(folder),
+        "kernels_counted_from": "a run" if run else "the compiled graph",
         "dtype": meta["dtype"],
         "target": meta["target"],
         "device": meta["device"],

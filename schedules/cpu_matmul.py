@@ -32,6 +32,16 @@ def _is_reduction(sch: s_tir.Schedule, block) -> bool:
     return any(iv.iter_type == tirx.IterVar.CommReduce for iv in sch.get(block).iter_vars)
 
 
+def _reads_columns_contiguously(block) -> bool:
+    """Whether some input's innermost index is the output column (the weight [in, out] or its column tiles)."""
+    column = block.iter_vars[-2].var
+    for region in block.reads:
+        innermost = region.region[-1].min
+        if any(v.same_as(column) for v in tirx.analysis.undefined_vars(innermost)):
+            return True
+    return False
+
+
 def _static_extent(sch: s_tir.Schedule, loop) -> int | None:
     extent = sch.get(loop).extent
     return int(extent) if isinstance(extent, tirx.IntImm) else None
@@ -83,6 +93,9 @@ class CPUMatmul(ScheduleRule):
                 sch.reverse_compute_inline(block)
         except Exception:  # noqa: BLE001  (a kernel this rule cannot shape: another rule or none handles it)
             return None
+
+        if not _reads_columns_contiguously(sch.get(matmul)):
+            return None  # an [out, in] weight: strips of output columns would gather, not stream
 
         *spatial, k = sch.get_loops(matmul)
         *row_loops, col = spatial

@@ -20,39 +20,57 @@ from gptj_tvm.errors import GptjError
 from gptj_tvm.files import staging_dir
 from gptj_tvm.frontend.config import DTYPES, GPTJConfig
 from gptj_tvm.frontend.random_checkpoint import packaged_tokenizer_dir
-from gptj_tvm.frontend.weights import Checkpoint, write_shards
+from gptj_tvm.frontend.weights import Checkpoint
 from gptj_tvm.ir import pipeline
 from gptj_tvm.runtime import artifact
 from gptj_tvm.schedules.database import TuningDatabase
 from gptj_tvm.schedules.default import schedule_kernels
 
-from .resolve import resolve_target, tuning_fingerprint
+from . import cuda
+from .convert import write_weights
+from .resolve import device_name, is_gpu, resolve_target, tuning_fingerprint
 
 
-def export_model(config: GPTJConfig, dtype: str, fuse_block: bool = True):
+def variant_for(target: tvm.target.Target):
+    """The model variant (weight layout, attention kernel form) a target runs."""
+    from gptj_tvm.frontend import model  # noqa: PLC0415
+
+    return model.GPU if is_gpu(target) else model.CPU
+
+
+def export_model(config: GPTJConfig, dtype: str, fuse_block: bool = True, variant=None):
     """The Relax module of GPT-J for `config` in `dtype`, and its parameter names in call order."""
-    from gptj_tvm.frontend.model import GPTJ  # noqa: PLC0415
+    from gptj_tvm.frontend.model import CPU, GPTJ  # noqa: PLC0415
 
-    model = pipeline.model_passes(fuse_block)(GPTJ(config, dtype))
+    model = pipeline.model_passes(fuse_block)(GPTJ(config, dtype, variant or CPU))
     mod, params = model.export_tvm(spec=model.get_default_spec())
     return mod, [name for name, _ in params]
 
 
 def build_library(config: GPTJConfig, dtype: str, target: tvm.target.Target, out_path: Path,
-                  fuse_block: bool = True, tuned=None) -> tuple[list[str], dict[str, str]]:
-    """Compile GPT-J for target and export the library to out_path; returns the parameter order and what
-    schedule each kernel got (tuned ones from `tuned`, a MetaSchedule database, where it has them)."""
-    mod, param_names = export_model(config, dtype, fuse_block)
+                  fuse_block: bool = True, tuned=None, variant=None) -> tuple[list[str], dict, dict]:
+    """Compile GPT-J for target and export the library to out_path; returns the parameter order, what
+    schedule each kernel got (tuned ones from `tuned`, a MetaSchedule database, where it has them) and the
+    kernels decode and prefill call, in order (what runs, counted from the compiled graph). On a GPU
+    every kernel must come out bound to threads; the device code is built with nvcc (targets/cuda.py)."""
+    mod, param_names = export_model(config, dtype, fuse_block, variant or variant_for(target))
     report: dict[str, str] = {}
+    calls: dict[str, list[str]] = {}
 
     def schedule(module):
         scheduled, kinds = schedule_kernels(module, target, tuned)
         report.update(kinds)
+        calls.update({fn: pipeline.kernel_calls(scheduled, fn) for fn in ("decode", "prefill")})
+        if is_gpu(target):
+            cuda.require_thread_bound(scheduled)
         return scheduled
 
     executable = pipeline.build(mod, target, schedule)
-    executable.export_library(str(out_path))
-    return param_names, report
+    if target.kind.name == "cuda":
+        cuda.export_library(executable, out_path, str(target.attrs["arch"]))
+    else:
+        executable.export_library(str(out_path))
+    return param_names, report, calls
 
 
 def tokenizer_files(model_dir: Path) -> tuple[Path, Path]:
@@ -77,7 +95,8 @@ def open_tuning_db(path, target: tvm.target.Target, dtype: str):
     return db.to_memory_database()
 
 
-def prepare(model_dir, target: str, dtype: str | None) -> tuple[Path, GPTJConfig, str, tvm.target.Target]:
+def prepare(model_dir, target: str, dtype: str | None,
+            arch: str | None = None) -> tuple[Path, GPTJConfig, str, tvm.target.Target]:
     """Checks shared by compile and tune: the checkpoint's config, the dtype, the target."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
@@ -86,7 +105,7 @@ def prepare(model_dir, target: str, dtype: str | None) -> tuple[Path, GPTJConfig
     dtype = dtype or config.torch_dtype
     if dtype not in DTYPES:
         raise GptjError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
-    return model_dir, config, dtype, resolve_target(target)
+    return model_dir, config, dtype, resolve_target(target, arch)
 
 
 def tune_model(model_dir, out, target: str = "llvm", dtype: str | None = None, fuse_block: bool = True,
@@ -101,31 +120,34 @@ def tune_model(model_dir, out, target: str = "llvm", dtype: str | None = None, f
 
 
 def compile_model(model_dir, out_dir, target: str = "llvm", dtype: str | None = None,
-                  fuse_block: bool = True, tuning_db=None, progress: bool = True) -> dict:
+                  fuse_block: bool = True, tuning_db=None, progress: bool = True, arch: str | None = None,
+                  weights: bool = True, variant=None) -> dict:
+    """`gptj-tvm compile`: library, converted weights (unless weights=False: `convert-weights` adds them
+    later), tokenizer and metadata. `variant` (frontend.model.Variant) overrides the target's own, for tests:
+    the GPU variant compiled for the CPU runs the GPU kernels' math here."""
     out_dir = Path(out_dir)
-    model_dir, config, dtype, tvm_target = prepare(model_dir, target, dtype)
-    checkpoint = Checkpoint(model_dir, config)  # checks every name and shape before any long work
+    model_dir, config, dtype, tvm_target = prepare(model_dir, target, dtype, arch)
+    variant = variant or variant_for(tvm_target)
+    checkpoint = Checkpoint(model_dir, config) if weights else None  # checks names and shapes before long work
     vocab, merges = tokenizer_files(model_dir)
     tuned = open_tuning_db(tuning_db, tvm_target, dtype) if tuning_db else None
-    timings = {}
     artifact.check_replaceable(out_dir)
     with staging_dir(out_dir) as staging:
         start = time.perf_counter()
         with tqdm(total=1, desc="compile library", disable=not progress, leave=False) as bar:
-            params, kernels = build_library(config, dtype, tvm_target, staging / artifact.LIBRARY, fuse_block,
-                                            tuned)
+            params, kernels, calls = build_library(config, dtype, tvm_target, staging / artifact.LIBRARY,
+                                                   fuse_block, tuned, variant)
             bar.update()
-        timings["library_s"] = time.perf_counter() - start
-        start = time.perf_counter()
-        with tqdm(total=len(params), desc="convert weights", disable=not progress, leave=False) as bar:
-            files = write_shards(checkpoint.converted(dtype, fuse_block), staging, on_tensor=lambda _: bar.update())
-        timings["weights_s"] = time.perf_counter() - start
+        timings = {"library_s": time.perf_counter() - start}
         shutil.copyfile(vocab, staging / artifact.VOCAB)
         shutil.copyfile(merges, staging / artifact.MERGES)
-        meta = artifact.write_metadata(
-            staging, config=config.to_dict(), dtype=dtype, target=json.loads(str(tvm_target)),
-            device="cpu" if tvm_target.kind.name == "llvm" else tvm_target.kind.name,
-            tvm_version=tvm.__version__, params=params, weight_files=list(files),
-            functions=["prefill", "prefill_all", "decode"], extra={"fuse_block": fuse_block, "kernels": kernels, "compile_timings": timings,
-                   "tuning_db": str(tuning_db) if tuned is not None else None})
-    return meta
+        meta = dict(config=config.to_dict(), dtype=dtype, target=json.loads(str(tvm_target)),
+                    device=device_name(tvm_target), tvm_version=tvm.__version__, params=params,
+                    functions=["prefill", "prefill_all", "decode"],
+                    extra={"fuse_block": fuse_block, "weight_layout": variant.weight_layout, "kernels": kernels,
+                           "kernel_calls": calls, "compile_timings": timings,
+                           "tuning_db": str(tuning_db) if tuned is not None else None})
+        files = None
+        if weights:
+            files, timings["weights_s"] = write_weights(checkpoint, {**meta, **meta["extra"]}, staging, progress)
+        return artifact.write_metadata(staging, weight_files=files, **meta)

@@ -10,16 +10,31 @@ from gptj_tvm.errors import GptjError
 
 from .host import cpu_fingerprint
 
-KNOWN = ("llvm",)
+KNOWN = ("llvm", "cuda")
 
 
-def resolve_target(name: str) -> tvm.target.Target:
+def resolve_target(name: str, arch: str | None = None) -> tvm.target.Target:
     kind = name.split()[0] if name else ""
+    if arch is not None and kind != "cuda":
+        raise GptjError(f"--arch is for --target cuda, not {name!r}")
     if kind == "llvm":
         from .llvm import host_target  # noqa: PLC0415
 
         return host_target()
+    if kind == "cuda":
+        from .cuda import cuda_target  # noqa: PLC0415
+
+        return cuda_target(arch)
     raise GptjError(f"unknown target {name!r}: this build knows {', '.join(KNOWN)}")
+
+
+def is_gpu(target: tvm.target.Target) -> bool:
+    return "gpu" in target.keys
+
+
+def device_name(target: tvm.target.Target) -> str:
+    """The runtime's device for an artifact built for target ("cpu", "cuda")."""
+    return "cpu" if target.kind.name == "llvm" else target.kind.name
 
 
 def tuning_fingerprint(target: tvm.target.Target, dtype: str) -> dict:

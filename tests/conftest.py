@@ -42,6 +42,13 @@ def checkpoint(tmp_path_factory):
     return make
 
 
+def variants():
+    from gptj_tvm.frontend import model
+
+    # "gpu-on-cpu": the GPU graph ([out, in] weights, thread-block attention kernels) compiled for this CPU
+    return {"cpu": model.CPU, "gpu-on-cpu": model.GPU_ON_CPU}
+
+
 @pytest.fixture(scope="session")
 def artifact(tmp_path_factory, checkpoint):
     """artifact(name, **checkpoint options) -> folder of the compiled artifact of that checkpoint."""
@@ -49,11 +56,12 @@ def artifact(tmp_path_factory, checkpoint):
 
     cache = {}
 
-    def make(name: str, shard_bytes: int = 2 << 30, fuse_block: bool = True):
-        key = (name, shard_bytes, fuse_block)
+    def make(name: str, shard_bytes: int = 2 << 30, fuse_block: bool = True, variant: str = "cpu"):
+        key = (name, shard_bytes, fuse_block, variant)
         if key not in cache:
-            folder = tmp_path_factory.mktemp("artifact") / f"{name}-{shard_bytes}-{fuse_block}"
-            compile_model(checkpoint(name, shard_bytes), folder, fuse_block=fuse_block, progress=False)
+            folder = tmp_path_factory.mktemp("artifact") / f"{name}-{shard_bytes}-{fuse_block}-{variant}"
+            compile_model(checkpoint(name, shard_bytes), folder, fuse_block=fuse_block, progress=False,
+                          variant=variants()[variant])
             cache[key] = folder
         return cache[key]
 
@@ -66,10 +74,10 @@ def generator(artifact):
 
     cache = {}
 
-    def make(name: str, shard_bytes: int = 2 << 30, fuse_block: bool = True):
-        key = (name, shard_bytes, fuse_block)
+    def make(name: str, shard_bytes: int = 2 << 30, fuse_block: bool = True, variant: str = "cpu"):
+        key = (name, shard_bytes, fuse_block, variant)
         if key not in cache:
-            cache[key] = gptj_tvm.load(artifact(name, shard_bytes, fuse_block))
+            cache[key] = gptj_tvm.load(artifact(name, shard_bytes, fuse_block, variant))
         return cache[key]
 
     return make

@@ -193,3 +193,26 @@ def test_artifact_with_a_truncated_weight_file(artifact_copy, capsys):
 def test_folder_that_is_not_an_artifact(checkpoint, capsys):
     code, _, err = run(["generate", checkpoint("tiny"), "--prompt", "x"], capsys)
     assert_one_line_error(code, err, "not a gptj-tvm artifact")
+
+
+def test_compile_without_weights_then_convert_weights(checkpoint, generator, tmp_path, capsys):
+    folder = tmp_path / "later"
+    code, out, _ = run(["compile", checkpoint("tiny"), "-o", folder, "--no-weights"], capsys)
+    assert code == 0 and "convert-weights" in out
+    assert not list(folder.glob("*.safetensors"))
+    code, _, err = run(["generate", folder, "--prompt", "hi"], capsys)
+    assert_one_line_error(code, err, "compiled without weights", "convert-weights")
+    assert run(["convert-weights", checkpoint("tiny"), folder, "--quiet"], capsys)[0] == 0
+    import gptj_tvm
+
+    ids = [464, 10730, 29598, 11]
+    assert np.array_equal(gptj_tvm.load(folder).logits(ids), generator("tiny").logits(ids))
+
+
+def test_convert_weights_refuses_a_checkpoint_of_another_config(checkpoint, artifact, tmp_path, capsys):
+    folder = tmp_path / "a"
+    shutil.copytree(artifact("tiny"), folder)
+    before = (folder / "metadata.json").read_text()
+    code, _, err = run(["convert-weights", checkpoint("wide"), folder], capsys)
+    assert_one_line_error(code, err, "config differs from the artifact's", "n_embd")
+    assert (folder / "metadata.json").read_text() == before

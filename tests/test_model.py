@@ -16,9 +16,13 @@ def prompt_for(generator) -> list[int]:
     return [i % generator.vocab_size for i in PROMPT]
 
 
-@pytest.mark.parametrize("name", ["tiny", "wide", "odd", "float16", "bfloat16"])
-def test_logits_at_every_position_match_reference(name, generator, reference):
-    gen = generator(name)
+# "gpu-on-cpu" is the CUDA artifact's graph ([out, in] weights, frontend/gpu_kernels.py) compiled for this CPU:
+# these tests check the GPU kernels' math where no GPU is (tests/test_cuda.py checks what is built for one).
+@pytest.mark.parametrize("name,variant", [("tiny", "cpu"), ("wide", "cpu"), ("odd", "cpu"), ("float16", "cpu"),
+                                          ("bfloat16", "cpu"), ("tiny", "gpu-on-cpu"), ("wide", "gpu-on-cpu"),
+                                          ("odd", "gpu-on-cpu"), ("float16", "gpu-on-cpu")])
+def test_logits_at_every_position_match_reference(name, variant, generator, reference):
+    gen = generator(name, variant=variant)
     ids = prompt_for(gen)
     actual = gen.logits(ids)
     expected = reference(name).logits(ids)
@@ -37,9 +41,10 @@ def test_sharded_checkpoint_gives_the_same_logits(generator, reference, checkpoi
     assert rel_max_error(actual, ReferenceGPTJ(sharded).logits(ids)) < 1e-4
 
 
+@pytest.mark.parametrize("variant", ["cpu", "gpu-on-cpu"])
 @pytest.mark.parametrize("name", ["tiny", "wide", "odd"])
-def test_decode_step_by_step_equals_recomputation(name, generator, reference):
-    gen = generator(name)
+def test_decode_step_by_step_equals_recomputation(name, variant, generator, reference):
+    gen = generator(name, variant=variant)
     ids = prompt_for(gen)
     expected = reference(name).logits(ids)
     logits, cache = gen.forward("prefill", ids[:5], gen.new_cache(), 5)
@@ -54,9 +59,10 @@ def test_decode_step_by_step_equals_recomputation(name, generator, reference):
     assert rel_max_error(logits, expected[6:]) < 1e-4
 
 
+@pytest.mark.parametrize("variant", ["cpu", "gpu-on-cpu"])
 @pytest.mark.parametrize("name", ["tiny", "wide"])
-def test_greedy_generation_equals_numpy_greedy(name, generator, reference):
-    gen = generator(name)
+def test_greedy_generation_equals_numpy_greedy(name, variant, generator, reference):
+    gen = generator(name, variant=variant)
     ids = prompt_for(gen)[:6]
     out = gen.generate(ids, max_new_tokens=10, temperature=0)
     expected = reference(name).greedy(ids, 10)

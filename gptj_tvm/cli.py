@@ -73,7 +73,7 @@ def cmd_tune(args) -> int:
     os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))  # measure as the runtime runs
     from .targets.compile import tune_model  # noqa: PLC0415
 
-    summary = tune_model(args.model_dir, args.output, target=args.target, dtype=args.dtype,
+    summary = tune_model(args.model_dir, args.output, target=args.target, dtype=args.dtype, arch=args.arch,
                          fuse_block=not args.no_fuse_block, trials=args.trials, max_seconds=args.max_seconds,
                          progress=not args.quiet)
     print(f"{args.output}: {summary['tuned']} tasks tuned, {summary['resumed']} already there, "
@@ -216,7 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "resume. Use the database with `compile --tuning-db`.")
     p.add_argument("model_dir", help="checkpoint folder (config.json; the weights are not read)")
     p.add_argument("-o", "--output", required=True, help="tuning database file (JSON) to write or resume")
-    p.add_argument("--target", default="llvm", help="llvm (this host's CPU; default)")
+    p.add_argument("--target", default="llvm", help="llvm (this host's CPU; default; the only one for now)")
+    p.add_argument("--arch", help="with --target cuda: the GPU's arch")
     p.add_argument("--dtype", help="float32, float16 or bfloat16 (default: the checkpoint's)")
     p.add_argument("--no-fuse-block", action="store_true", help="tune the plain graph's kernels")
     p.add_argument("--trials", type=int, default=64,

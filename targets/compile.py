@@ -109,11 +109,15 @@ def prepare(model_dir, target: str, dtype: str | None,
 
 
 def tune_model(model_dir, out, target: str = "llvm", dtype: str | None = None, fuse_block: bool = True,
-               trials: int = 64, max_seconds: float | None = None, progress: bool = True) -> dict:
+               trials: int = 64, max_seconds: float | None = None, progress: bool = True,
+               arch: str | None = None) -> dict:
     """`gptj-tvm tune`: the decode GEMMs of this model, tuned for this target, into the database at out."""
     from gptj_tvm.schedules.tune import tune  # noqa: PLC0415
 
-    _, config, dtype, tvm_target = prepare(model_dir, target, dtype)
+    _, config, dtype, tvm_target = prepare(model_dir, target, dtype, arch)
+    if tvm_target.kind.name != "llvm":
+        raise GptjError(f"tune knows this host's CPU (--target llvm) only for now, not {target!r}: "
+                        "compile for it with its default schedules")
     mod = pipeline.optimize(export_model(config, dtype, fuse_block)[0], tvm_target)
     return tune(mod, tvm_target, tuning_fingerprint(tvm_target, dtype), Path(out), trials=trials,
                 max_seconds=max_seconds, progress=progress)

@@ -112,3 +112,11 @@ def test_bad_cuda_options(args, fragment, checkpoint, tmp_path, capsys):
     code = main(["compile", str(checkpoint("tiny")), "-o", str(tmp_path / "a"), "--quiet", *args])
     err = capsys.readouterr().err
     assert code == 1 and len(err.strip().splitlines()) == 1 and fragment in err, err
+
+
+def test_tune_for_cuda_says_it_is_not_there_yet(checkpoint, tmp_path, capsys):
+    code = main(["tune", str(checkpoint("tiny")), "-o", str(tmp_path / "db.json"), "--target", "cuda",
+                 "--arch", "sm_90", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "--target llvm" in err
+    assert not (tmp_path / "db.json").exists()

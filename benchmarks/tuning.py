@@ -25,7 +25,7 @@ os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import tvm  # noqa: E402
-from bandwidth import read_bandwidth  # noqa: E402
+from gptj_tvm.targets.bandwidth import read_bandwidth  # noqa: E402
 from tvm.s_tir import dlight as dl  # noqa: E402
 
 from gptj_tvm.frontend.random_checkpoint import make_config  # noqa: E402

@@ -47,10 +47,13 @@ def rotary_append(config: GPTJConfig, dtype: str, width: int, ffn_offset: int | 
 
     @T.prim_func(private=True, s_tir=True)
     def kernel(var_qkv: T.handle, cos: T.Buffer((P, R // 2), "float32"), sin: T.Buffer((P, R // 2), "float32"),
-               k_cache: T.Buffer((P, H, D), dtype), v_cache: T.Buffer((P, H, D), dtype), total: T.int64,
+               var_k: T.handle, var_v: T.handle, total: T.int64,
                var_q: T.handle, var_out: T.handle):
         T.func_attr(HAND_SCHEDULED)
         n = T.int64()
+        capacity = T.int64()  # the caches' positions: the runtime sizes them to the sequence
+        k_cache = T.match_buffer(var_k, (capacity, H, D), dtype)
+        v_cache = T.match_buffer(var_v, (capacity, H, D), dtype)
         qkv = T.match_buffer(var_qkv, (1, n, width), "float32")
         q = T.match_buffer(var_q, (1, n, H, D), dtype)
         out = T.match_buffer(var_out, (1, n, out_width), dtype)
@@ -58,7 +61,7 @@ def rotary_append(config: GPTJConfig, dtype: str, width: int, ffn_offset: int | 
             for tx in loops.threads(THREADS):
                 with T.sblock("rotary_append"):
                     T.reads(qkv[0, 0:n, 0:width], cos[0:P, 0:R // 2], sin[0:P, 0:R // 2])
-                    T.writes(q[0, 0:n, 0:H, 0:D], k_cache[0:P, 0:H, 0:D], v_cache[0:P, 0:H, 0:D],
+                    T.writes(q[0, 0:n, 0:H, 0:D], k_cache[0:capacity, 0:H, 0:D], v_cache[0:capacity, 0:H, 0:D],
                              out[0, 0:n, 0:out_width])
                     t: T.let[T.int64] = b // chunks
                     i: T.let[T.int64] = b % chunks * THREADS + tx
@@ -92,15 +95,18 @@ def attention(config: GPTJConfig, dtype: str, out_width: int, loops: Loops = Loo
     # inside one): shared buffers are padded to whole rounds of THREADS, threads past the end compute on
     # clamped indices and store where nobody reads, and the sums mask them out.
     @T.prim_func(private=True, s_tir=True)
-    def kernel(var_q: T.handle, k_cache: T.Buffer((P, H, D), dtype), v_cache: T.Buffer((P, H, D), dtype),
+    def kernel(var_q: T.handle, var_k: T.handle, var_v: T.handle,
                var_out: T.handle, total: T.int64):
         T.func_attr(HAND_SCHEDULED)
         n = T.int64()
+        capacity = T.int64()  # the caches' positions: the runtime sizes them to the sequence
+        k_cache = T.match_buffer(var_k, (capacity, H, D), dtype)
+        v_cache = T.match_buffer(var_v, (capacity, H, D), dtype)
         q = T.match_buffer(var_q, (1, n, H, D), dtype)
         out = T.match_buffer(var_out, (1, n, out_width), dtype)
         for th in loops.grid(n * H):
             with T.sblock("attention"):
-                T.reads(q[0, 0:n, 0:H, 0:D], k_cache[0:P, 0:H, 0:D], v_cache[0:P, 0:H, 0:D])
+                T.reads(q[0, 0:n, 0:H, 0:D], k_cache[0:capacity, 0:H, 0:D], v_cache[0:capacity, 0:H, 0:D])
                 T.writes(out[0, 0:n, 0:out_width])
                 scores = T.sblock_alloc_buffer((p_padded,), "float32", scope=loops.shared)
                 query = T.sblock_alloc_buffer((d_chunks * THREADS,), "float32", scope=loops.shared)

@@ -27,17 +27,20 @@ def rotary_append(config: GPTJConfig, dtype: str, width: int, ffn_offset: int | 
 
     @T.prim_func(private=True, s_tir=True)
     def kernel(var_qkv: T.handle, cos: T.Buffer((P, R // 2), "float32"), sin: T.Buffer((P, R // 2), "float32"),
-               k_cache: T.Buffer((P, H, D), dtype), v_cache: T.Buffer((P, H, D), dtype), total: T.int64,
+               var_k: T.handle, var_v: T.handle, total: T.int64,
                var_q: T.handle, var_out: T.handle):
         T.func_attr(HAND_SCHEDULED)
         n = T.int64()
+        capacity = T.int64()  # the caches' positions: the runtime sizes them to the sequence
+        k_cache = T.match_buffer(var_k, (capacity, H, D), dtype)
+        v_cache = T.match_buffer(var_v, (capacity, H, D), dtype)
         qkv = T.match_buffer(var_qkv, (1, n, width), "float32")
         q = T.match_buffer(var_q, (1, n, H, D), dtype)
         out = T.match_buffer(var_out, (1, n, out_width), dtype)
         for t in T.parallel(n):
             with T.sblock("rotary_append"):
                 T.reads(qkv[0, t, 0:width], cos[0:P, 0:R // 2], sin[0:P, 0:R // 2])
-                T.writes(q[0, t, 0:H, 0:D], k_cache[0:P, 0:H, 0:D], v_cache[0:P, 0:H, 0:D], out[0, t, 0:out_width])
+                T.writes(q[0, t, 0:H, 0:D], k_cache[0:capacity, 0:H, 0:D], v_cache[0:capacity, 0:H, 0:D], out[0, t, 0:out_width])
                 pos: T.let[T.int64] = total - n + t
                 for h, j in T.grid(H, D):
                     if j < R:
@@ -73,42 +76,56 @@ def attention(config: GPTJConfig, dtype: str, out_width: int):
     scores, softmax and the weighted sum in float32. Written in place: out may already hold other columns."""
     H, D, P = config.n_head, config.head_dim, config.n_positions
     scale = float(1.0 / (D ** 0.5))
+    L = next(lanes for lanes in (16, 8, 4, 2, 1) if D % lanes == 0)  # float32 lanes the head dim splits into
 
     @T.prim_func(private=True, s_tir=True)
-    def kernel(var_q: T.handle, k_cache: T.Buffer((P, H, D), dtype), v_cache: T.Buffer((P, H, D), dtype),
+    def kernel(var_q: T.handle, var_k: T.handle, var_v: T.handle,
                var_out: T.handle, total: T.int64):
         T.func_attr(HAND_SCHEDULED)
         n = T.int64()
+        capacity = T.int64()  # the caches' positions: the runtime sizes them to the sequence
+        k_cache = T.match_buffer(var_k, (capacity, H, D), dtype)
+        v_cache = T.match_buffer(var_v, (capacity, H, D), dtype)
         q = T.match_buffer(var_q, (1, n, H, D), dtype)
         out = T.match_buffer(var_out, (1, n, out_width), dtype)
         for th in T.parallel(n * H):
             with T.sblock("attention"):
-                T.reads(q[0, 0:n, 0:H, 0:D], k_cache[0:P, 0:H, 0:D], v_cache[0:P, 0:H, 0:D])
+                T.reads(q[0, 0:n, 0:H, 0:D], k_cache[0:capacity, 0:H, 0:D], v_cache[0:capacity, 0:H, 0:D])
                 T.writes(out[0, 0:n, 0:out_width])
                 scores = T.sblock_alloc_buffer((P,), "float32", scope="local")
                 query = T.sblock_alloc_buffer((D,), "float32", scope="local")
                 acc = T.sblock_alloc_buffer((D,), "float32", scope="local")
                 stats = T.sblock_alloc_buffer((2,), "float32", scope="local")  # running max, then sum
+                part = T.sblock_alloc_buffer((L,), "float32", scope="local")  # a score's lanes, summed last
                 t: T.let[T.int64] = th // H
                 h: T.let[T.int64] = th % H
                 length: T.let[T.int64] = total - n + t + 1
-                for j in range(D):
-                    query[j] = T.Cast("float32", q[0, t, h, j])
-                    acc[j] = T.float32(0)
+                for jo in range(D // L):
+                    for j in T.vectorized(L):
+                        query[jo * L + j] = T.Cast("float32", q[0, t, h, jo * L + j])
+                        acc[jo * L + j] = T.float32(0)
                 stats[0] = T.min_value("float32")
                 for pos in range(length):
+                    for j in T.vectorized(L):
+                        part[j] = T.float32(0)
+                    for jo in range(D // L):
+                        for j in T.vectorized(L):
+                            part[j] = part[j] + query[jo * L + j] * T.Cast("float32", k_cache[pos, h, jo * L + j])
                     scores[pos] = T.float32(0)
-                    for j in range(D):
-                        scores[pos] = scores[pos] + query[j] * T.Cast("float32", k_cache[pos, h, j])
+                    for j in range(L):
+                        scores[pos] = scores[pos] + part[j]
                     scores[pos] = scores[pos] * T.float32(scale)
                     stats[0] = T.max(stats[0], scores[pos])
                 stats[1] = T.float32(0)
                 for pos in range(length):
                     scores[pos] = T.exp(scores[pos] - stats[0])
                     stats[1] = stats[1] + scores[pos]
-                    for j in range(D):
-                        acc[j] = acc[j] + scores[pos] * T.Cast("float32", v_cache[pos, h, j])
-                for j in range(D):
-                    out[0, t, h * D + j] = T.Cast(dtype, acc[j] / stats[1])
+                    for jo in range(D // L):
+                        for j in T.vectorized(L):
+                            acc[jo * L + j] = acc[jo * L + j] + scores[pos] * T.Cast(
+                                "float32", v_cache[pos, h, jo * L + j])
+                for jo in range(D // L):
+                    for j in T.vectorized(L):
+                        out[0, t, h * D + jo * L + j] = T.Cast(dtype, acc[jo * L + j] / stats[1])
 
     return kernel

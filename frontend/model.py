@@ -10,8 +10,9 @@ Exported functions (each also takes the packed weights last):
     prefill(input_ids[1, n], caches, total_len)       logits of the last position, [1, 1, padded_vocab] float32
     prefill_all(input_ids[1, n], caches, total_len)   logits of every position, [1, n, padded_vocab] float32
     decode(input_ids[1, 1], caches, total_len)        one new token, [1, 1, padded_vocab] float32
-`caches` are 2 * n_layer tensors [n_positions, n_head, head_dim] (k, v of each layer) that the functions write
-in place; `total_len` is the number of tokens in them after the call (past + n). The logits of the padded
+`caches` are 2 * n_layer tensors [capacity, n_head, head_dim] (k, v of each layer; capacity up to n_positions,
+chosen by the runtime for each sequence) that the functions write in place; `total_len` is the number of
+tokens in them after the call (past + n). The logits of the padded
 columns (config.padded_vocab_size - vocab_size) are meaningless; the runtime drops them.
 """
 
@@ -23,18 +24,28 @@ from tvm import relax, te, tirx
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 
-from . import gpu_kernels, kernels
-from .config import COLUMN_TILES, GELU_NEW_COEFF, GELU_NEW_SCALE, ROWS, GPTJConfig, weight_tile
+from . import gpu_kernels, kernels, quantization, x86_gemm
+from .config import (BF16_PAIRS, COLUMN_TILES, GELU_NEW_COEFF, GELU_NEW_SCALE, PAIR_TILE, ROWS, GPTJConfig,
+                     linear_layout, weight_tile)
 
 F32 = "float32"
 
 
 @dataclass(frozen=True)
 class Variant:
-    """What differs between devices: the linear weights' layout, and the attention kernels' form (kernels.py's
-    CPU kernels, or gpu_kernels.py's thread-block kernels with these loops)."""
+    """What differs between compiled models: the linear weights' layout, the attention kernels' form (kernels.py's
+    CPU kernels, or gpu_kernels.py's thread-block kernels with these loops), and the weights' quantization
+    (None, or a scheme of quantization.py: CPUs only) with the instructions its GEMMs use."""
     weight_layout: str = COLUMN_TILES
     gpu_loops: gpu_kernels.Loops | None = None
+    quantization: str | None = None
+    vnni: bool = False  # quantized GEMMs on AVX-512 VNNI integer dot products (x86_gemm.py)
+
+    def linear(self, in_features: int, out_features: int, dtype: str, bias: bool, scheme: str | None = None):
+        scheme = scheme or self.quantization
+        if scheme is None:
+            return Linear(in_features, out_features, dtype, bias, self.weight_layout)
+        return QuantLinear(in_features, out_features, dtype, bias, scheme, self.vnni)
 
 
 CPU = Variant()
@@ -44,12 +55,16 @@ GPU_ON_CPU = Variant(ROWS, gpu_kernels.Loops(gpu=False))  # the GPU graph, runna
 
 class Linear(nn.Module):
     """y = x @ W + bias, accumulated in float32, with W [in, out] stored in column tiles [out / t, in, t]
-    (weights.tiled) or as [out, in] rows (layout ROWS). Biases are stored in float32: they are tiny, and a
-    cast of a weight would run every step."""
+    (weights.tiled), as [out, in] rows (layout ROWS), or in bfloat16 input-feature pairs (BF16_PAIRS, where the
+    shape fits: config.linear_layout). Biases are stored in float32: they are tiny, and a cast of a weight
+    would run every step."""
 
     def __init__(self, in_features: int, out_features: int, dtype: str, bias: bool, layout: str = COLUMN_TILES):
+        layout = linear_layout(layout, in_features, out_features)
         if layout == ROWS:
             self.weight = nn.Parameter((out_features, in_features), dtype)
+        elif layout == BF16_PAIRS:
+            self.weight = nn.Parameter((out_features // PAIR_TILE, in_features // 2, PAIR_TILE, 2), dtype)
         else:
             tile = weight_tile(out_features)
             self.weight = nn.Parameter((out_features // tile, in_features, tile), dtype)
@@ -59,7 +74,15 @@ class Linear(nn.Module):
 
     def forward_f32(self, x: nn.Tensor) -> nn.Tensor:
         """The float32 result, before rounding to the model dtype."""
-        y = rows_matmul(x, self.weight) if self.layout == ROWS else tiled_matmul(x, self.weight)
+        if self.layout == ROWS:
+            y = rows_matmul(x, self.weight)
+        elif self.layout == BF16_PAIRS:
+            out_features = int(self.weight.shape[0]) * PAIR_TILE
+            kernel = x86_gemm.bf16_matmul(int(self.weight.shape[1]) * 2, out_features)
+            y = op.tensor_ir_op(kernel, "bf16_matmul", [x, self.weight],
+                                nn.Tensor.placeholder([1, x.shape[1], out_features], F32))
+        else:
+            y = tiled_matmul(x, self.weight)
         return y + self.bias if self.bias is not None else y
 
     def forward(self, x: nn.Tensor) -> nn.Tensor:
@@ -79,6 +102,90 @@ def tiled_matmul(x: nn.Tensor, weight: nn.Tensor) -> nn.Tensor:
             name="matmul")
 
     return op.tensor_expr_op(compute, "matmul", [x, weight])
+
+
+class QuantLinear(nn.Module):
+    """Linear with weight-only quantized weights (quantization.py), read once, as stored. With vnni (x86 CPUs
+    with AVX-512 VNNI) the input is quantized per group to int8 and the GEMM runs on integer dot products
+    (x86_gemm.py); otherwise the levels are widened to float32 and multiplied by x exactly."""
+
+    def __init__(self, in_features: int, out_features: int, dtype: str, bias: bool, scheme: str, vnni: bool):
+        quantization.check_shape(in_features, out_features)
+        tiles, tile = out_features // quantization.TILE, quantization.TILE
+        rows = in_features // quantization.FEATURES_PER_ROW[scheme]
+        self.weight = nn.Parameter((tiles, rows, tile, 4), "uint8")
+        self.scale = nn.Parameter((tiles, in_features // quantization.GROUP, tile), "float16")
+        self.bias = nn.Parameter((out_features,), F32) if bias else None
+        self.dtype = dtype
+        self.scheme = scheme
+        self.vnni = vnni
+        self.in_features, self.out_features = in_features, out_features
+
+    def forward_f32(self, x: nn.Tensor) -> nn.Tensor:
+        if self.vnni:
+            x_q, x_scale, x_sum = quantize_activations(x)
+            kernel = x86_gemm.vnni_matmul(self.in_features, self.out_features, self.scheme)
+            y = op.tensor_ir_op(kernel, "vnni_matmul", [x_q, x_scale, x_sum, self.weight, self.scale],
+                                nn.Tensor.placeholder([1, x.shape[1], self.out_features], F32))
+        else:
+            y = quantized_matmul(x, self.weight, self.scale, self.scheme)
+        return y + self.bias if self.bias is not None else y
+
+    def forward(self, x: nn.Tensor) -> nn.Tensor:
+        y = self.forward_f32(x)
+        return y if self.dtype == F32 else op.astype(y, self.dtype)
+
+
+def quantize_activations(x: nn.Tensor):
+    """x [1, n, K] -> (x_q int8, x_scale float32 [1, n, K / GROUP], x_sum int32 [1, n, K / GROUP]): per group of
+    GROUP features, x_scale = max |x| / 127 (1 for an all-zero group), x_q = round half even(x / x_scale)."""
+    group = quantization.GROUP
+
+    def compute(x: te.Tensor):
+        b, n, k = x.shape
+        ki = te.reduce_axis((0, group), name="ki")
+        amax = te.compute((b, n, k // group),
+                          lambda i, t, g: te.max(te.abs(x[i, t, g * group + ki].astype(F32)), axis=ki), name="amax")
+        scale = te.compute(amax.shape, lambda i, t, g: tirx.Select(
+            amax[i, t, g] > 0, amax[i, t, g] / tirx.const(127.0, F32), tirx.const(1.0, F32)), name="x_scale")
+        x_q = te.compute(x.shape, lambda i, t, j: tirx.nearbyint(
+            x[i, t, j].astype(F32) / scale[i, t, j // group]).astype("int8"), name="x_q")
+        kj = te.reduce_axis((0, group), name="kj")
+        x_sum = te.compute(amax.shape, lambda i, t, g: te.sum(x_q[i, t, g * group + kj].astype("int32"), axis=kj),
+                           name="x_sum")
+        return [x_q, scale, x_sum]
+
+    return op.tensor_expr_op(compute, "quantize_activations", [x])
+
+
+def quantized_matmul(x: nn.Tensor, weight: nn.Tensor, scale: nn.Tensor, scheme: str) -> nn.Tensor:
+    """x [b, n, in] @ W' with W' = levels x scale per group of input features; float32 result. Two reductions:
+    each group's sum of x times the integer levels, then the groups' sums times their scales (the scale
+    multiplies once per group, not per weight). schedules/cpu_quant.py keeps both in registers."""
+    tiles, _, tile, _ = (int(s) for s in weight.shape)
+    group, groups = quantization.GROUP, int(scale.shape[1])
+    offset = tirx.const(float(quantization.OFFSET[scheme]), F32)
+
+    def level(w: te.Tensor, j, k):
+        if scheme == "q8":
+            return w[j // tile, k // 4, j % tile, k % 4].astype(F32) - offset
+        byte = w[j // tile, k // 8, j % tile, k % 4]
+        nibble = (byte >> (k % 8 // 4 * 4).astype("uint8")) & tirx.const(15, "uint8")
+        return nibble.astype(F32) - offset
+
+    def compute(x: te.Tensor, w: te.Tensor, s: te.Tensor):
+        ki = te.reduce_axis((0, group), name="ki")
+        partial = te.compute(
+            (x.shape[0], x.shape[1], groups, tiles * tile),
+            lambda b, t, g, j: te.sum(x[b, t, g * group + ki].astype(F32) * level(w, j, g * group + ki), axis=ki),
+            name="group_sum")
+        gi = te.reduce_axis((0, groups), name="g")
+        return te.compute(
+            (x.shape[0], x.shape[1], tiles * tile),
+            lambda b, t, j: te.sum(partial[b, t, gi, j] * s[j // tile, gi, j % tile].astype(F32), axis=gi),
+            name="matmul")
+
+    return op.tensor_expr_op(compute, "quantized_matmul", [x, weight, scale])
 
 
 def rows_matmul(x: nn.Tensor, weight: nn.Tensor) -> nn.Tensor:
@@ -147,7 +254,7 @@ def rotary_append(config: GPTJConfig, dtype: str, variant: Variant, qkv: nn.Tens
         kernel, "rotary_append",
         [qkv, rotary.cos, rotary.sin, cache.keys, cache.values, total],
         [3, 4, -1, -1],
-        [nn.Tensor.placeholder([config.n_positions, config.n_head, config.head_dim], dtype)] * 2
+        [nn.Tensor.placeholder(cache.keys.shape, dtype)] * 2
         + [nn.Tensor.placeholder([1, n, config.n_head, config.head_dim], dtype),
            nn.Tensor.placeholder([1, n, out_width], dtype)])
     cache.keys, cache.values = keys, values
@@ -169,11 +276,11 @@ def attention(config: GPTJConfig, dtype: str, variant: Variant, q: nn.Tensor, ca
 
 class Attention(nn.Module):
     def __init__(self, config: GPTJConfig, dtype: str, variant: Variant):
-        d, layout = config.n_embd, variant.weight_layout
-        self.q_proj = Linear(d, d, dtype, bias=False, layout=layout)
-        self.k_proj = Linear(d, d, dtype, bias=False, layout=layout)
-        self.v_proj = Linear(d, d, dtype, bias=False, layout=layout)
-        self.out_proj = Linear(d, d, dtype, bias=False, layout=layout)
+        d = config.n_embd
+        self.q_proj = variant.linear(d, d, dtype, bias=False)
+        self.k_proj = variant.linear(d, d, dtype, bias=False)
+        self.v_proj = variant.linear(d, d, dtype, bias=False)
+        self.out_proj = variant.linear(d, d, dtype, bias=False)
         self.config = config
         self.dtype = dtype
         self.variant = variant
@@ -187,8 +294,8 @@ class Attention(nn.Module):
 
 class MLP(nn.Module):
     def __init__(self, config: GPTJConfig, dtype: str, variant: Variant):
-        self.fc_in = Linear(config.n_embd, config.d_ff, dtype, bias=True, layout=variant.weight_layout)
-        self.fc_out = Linear(config.d_ff, config.n_embd, dtype, bias=True, layout=variant.weight_layout)
+        self.fc_in = variant.linear(config.n_embd, config.d_ff, dtype, bias=True)
+        self.fc_out = variant.linear(config.d_ff, config.n_embd, dtype, bias=True)
         self.dtype = dtype
 
     def forward(self, x: nn.Tensor) -> nn.Tensor:
@@ -223,8 +330,8 @@ class FusedBlock(nn.Module):
     def __init__(self, config: GPTJConfig, dtype: str, variant: Variant = CPU):
         d, ff = config.n_embd, config.d_ff
         self.ln_1 = LayerNorm(d, config.layer_norm_epsilon, dtype)
-        self.w_in = Linear(d, 3 * d + ff, dtype, bias=True, layout=variant.weight_layout)
-        self.w_out = Linear(d + ff, d, dtype, bias=True, layout=variant.weight_layout)
+        self.w_in = variant.linear(d, 3 * d + ff, dtype, bias=True)
+        self.w_out = variant.linear(d + ff, d, dtype, bias=True)
         self.config = config
         self.dtype = dtype
         self.variant = variant
@@ -252,8 +359,9 @@ class GPTJ(nn.Module):
         self.rotary = Rotary(config)
         self.h = nn.ModuleList([Block(config, dtype, variant) for _ in range(config.n_layer)])
         self.ln_f = LayerNorm(config.n_embd, config.layer_norm_epsilon, dtype)
-        self.lm_head = Linear(config.n_embd, config.padded_vocab_size, dtype, bias=True,  # zero-padded columns
-                              layout=variant.weight_layout)
+        # zero-padded columns; q8 when the blocks are quantized at all (quantization.LM_HEAD)
+        self.lm_head = variant.linear(config.n_embd, config.padded_vocab_size, dtype, bias=True,
+                                      scheme=quantization.LM_HEAD if variant.quantization else None)
 
     def _hidden(self, input_ids: nn.Tensor, caches, total: tirx.PrimExpr) -> nn.Tensor:
         h = op.reshape(embed(self.wte, op.reshape(input_ids, (-1,))), (1, input_ids.shape[1], -1))
@@ -277,7 +385,7 @@ class GPTJ(nn.Module):
 
     def get_default_spec(self):
         c = self.config
-        cache = nn.spec.Tensor([c.n_positions, c.n_head, c.head_dim], self.dtype)
+        cache = nn.spec.Tensor(["cache_len", c.n_head, c.head_dim], self.dtype)  # up to n_positions
         caches = [cache] * (2 * c.n_layer)
         modes = {"param_mode": "packed", "effect_mode": "none"}
 

@@ -20,12 +20,14 @@ from safetensors.numpy import save_file
 
 from gptj_tvm.errors import GptjError
 
-from .config import COLUMN_TILES, ROWS, GPTJConfig, rotary_tables, weight_tile
+from . import quantization as quant
+from .config import BF16_PAIRS, COLUMN_TILES, PAIR_TILE, ROWS, GPTJConfig, linear_layout, rotary_tables, weight_tile
 
 NUMPY_DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16),
                 "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+SAFETENSORS_DTYPES = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16), "BF16": np.dtype(ml_dtypes.bfloat16)}
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
-SHARD_BYTES = 2 << 30
+SHARD_BYTES = 1 << 30  # what conversion holds in memory before writing it out
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,14 @@ def tiled(weight: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(bits.reshape(k, n // t, t).transpose(1, 0, 2)).view(weight.dtype)
 
 
+def pairs(weight: np.ndarray) -> np.ndarray:
+    """[in, out] -> [out / PAIR_TILE, in / 2, PAIR_TILE, 2] (x86_gemm.bf16_matmul), contiguous."""
+    k, n = weight.shape
+    bits = weight.view(np.uint16) if weight.dtype.itemsize == 2 else weight
+    grouped = bits.reshape(k // 2, 2, n // PAIR_TILE, PAIR_TILE).transpose(2, 0, 3, 1)
+    return np.ascontiguousarray(grouped).view(weight.dtype)
+
+
 def _transposed(tensor: np.ndarray) -> np.ndarray:
     # numpy copies native 2-byte types much faster than ml_dtypes' bfloat16: move the bits as uint16
     if tensor.dtype.itemsize == 2:
@@ -151,6 +161,10 @@ class Checkpoint:
             if name not in expected and not name.endswith(IGNORED_SUFFIXES):
                 raise GptjError(f"{model_dir}: unexpected tensor {name} (does the checkpoint match config.json?)")
 
+    def dtype_of(self, hf_name: str) -> np.dtype:
+        with safe_open(str(self.location[hf_name]), framework="np") as f:
+            return SAFETENSORS_DTYPES.get(f.get_slice(hf_name).get_dtype(), np.dtype(np.float32))
+
     def read(self, hf_name: str) -> np.ndarray:
         path = self.location[hf_name]
         try:
@@ -159,10 +173,11 @@ class Checkpoint:
         except (SafetensorError, OSError, ValueError) as err:
             raise GptjError(f"{path}: cannot read tensor {hf_name} ({err})") from None
 
-    def converted(self, dtype: str, fuse_block: bool = True,
-                  layout: str = COLUMN_TILES) -> Iterator[tuple[str, np.ndarray]]:
+    def converted(self, dtype: str, fuse_block: bool = True, layout: str = COLUMN_TILES,
+                  quantization: str | None = None) -> Iterator[tuple[str, np.ndarray]]:
         """Our tensors in our layout and `dtype`, one at a time; the rotary tables (float32) come first.
-        Linear weights go to `layout`: [in, out] in column tiles, or HF's own [out, in] rows (ROWS)."""
+        Linear weights go to `layout`: [in, out] in column tiles, or HF's own [out, in] rows (ROWS); with
+        `quantization` (q8, q4: frontend/quantization.py) each becomes its levels and its scales (`.scale`)."""
         cos, sin = rotary_tables(self.config)
         yield "rotary.cos", cos
         yield "rotary.sin", sin
@@ -171,6 +186,11 @@ class Checkpoint:
             target = NUMPY_DTYPES[dtype] if len(src.parts[0].hf_shape) == 2 else np.dtype(np.float32)
             linear = any(part.transpose for part in src.parts)
             rows = linear and layout == ROWS  # the HF layout already: nothing to transpose
+            scheme = None
+            if linear and quantization is not None:
+                scheme = quant.LM_HEAD if ours == "lm_head.weight" else quantization
+            if scheme is not None:  # quantized from the checkpoint's own values, not from rounded ones
+                target = self.dtype_of(src.parts[0].hf_name)
             pieces = []
             for part in src.parts:
                 if part.hf_name is None:
@@ -185,7 +205,14 @@ class Checkpoint:
                 padding = [(0, 0)] * tensor.ndim
                 padding[out_axis] = (0, src.pad_last_to - tensor.shape[out_axis])
                 tensor = np.pad(tensor, padding)
-            if linear and not rows:  # [in, out] -> [out / t, in, t]
+            if scheme is not None:
+                levels, scales = quant.quantize(tensor, scheme)
+                yield ours, quant.pack(levels, scheme)
+                yield ours.replace(".weight", ".scale"), quant.tiled(scales)
+                continue
+            if linear and linear_layout(layout, *tensor.shape) == BF16_PAIRS:
+                tensor = pairs(tensor)
+            elif linear and not rows:  # [in, out] -> [out / t, in, t]
                 tensor = tiled(tensor)
             yield ours, np.ascontiguousarray(tensor)
 

@@ -41,7 +41,7 @@ def cmd_compile(args) -> int:
 
     meta = compile_model(args.model_dir, args.output, target=args.target, dtype=args.dtype, arch=args.arch,
                          fuse_block=not args.no_fuse_block, tuning_db=args.tuning_db, progress=not args.quiet,
-                         weights=not args.no_weights)
+                         weights=not args.no_weights, quantization=args.quantization)
     if args.tuning_db and not args.quiet:
         kinds = list(meta["kernels"].values())
         tuned = kinds.count("tuned")
@@ -139,6 +139,34 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    _ensure_threads()
+    from .runtime.artifact import read_metadata  # noqa: PLC0415
+    from .runtime.bench import run_bench, table  # noqa: PLC0415
+
+    read_metadata(Path(args.artifact))  # a bad artifact fails before the bandwidth is measured
+    bandwidth = None if args.no_bandwidth else _read_bandwidth()
+    result = run_bench(args.artifact, bandwidth, progress=not args.json)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(table(result))
+        if bandwidth is None and not args.no_bandwidth:
+            print("(no bound: the bandwidth is measured with a TVM-compiled kernel, and this TVM has no compiler)")
+    return 0
+
+
+def _read_bandwidth() -> float | None:
+    """Read bandwidth with every thread, measured in a child process (its 4 GiB buffer stays out of our RSS)."""
+    import subprocess  # noqa: PLC0415
+
+    done = subprocess.run([sys.executable, "-m", "gptj_tvm.targets.bandwidth", "--json"], capture_output=True,
+                          text=True, check=False)
+    if done.returncode != 0:
+        return None
+    return float(json.loads(done.stdout.strip().splitlines()[-1])["read_bandwidth"])
+
+
 def cmd_demo(args) -> int:
     """A tiny random GPT-J: written, compiled for this CPU, and generating, all in a temporary folder."""
     _ensure_threads()
@@ -195,6 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", help="float32, float16 or bfloat16 (default: the checkpoint's)")
     p.add_argument("--no-fuse-block", action="store_true",
                    help="keep each block's projections separate (the plain graph, for comparison and debugging)")
+    p.add_argument("--quantization", choices=("q8", "q4"),
+                   help="weight-only, symmetric, per group of 32 input features with float16 scales: q8 int8 "
+                        "levels (8.5 bits per weight), q4 4-bit (4.5 bits); lm_head q8, embedding unquantized; "
+                        "CPU targets only")
     p.add_argument("--no-weights", action="store_true",
                    help="build the library from config.json alone; add the weights later with convert-weights")
     p.add_argument("--tuning-db", help="a database from `gptj-tvm tune`: tuned schedules where it has them")
@@ -250,6 +282,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="count kernels from the compiled graph instead of a run (the default where the "
                         "artifact's device is missing)")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("bench", help="prefill and decode speed, load time and peak RSS, next to the bandwidth bound",
+                       description="Time an artifact here: prefill tokens/s (128- and 512-token prompts), decode "
+                                   "ms/token at context 128 and 1024, load time, peak RSS, weight bytes, and the "
+                                   "bound (weight bytes / read bandwidth measured in the same run).")
+    p.add_argument("artifact", help="artifact folder made by `gptj-tvm compile`")
+    p.add_argument("--json", action="store_true", help="one JSON object instead of the table")
+    p.add_argument("--no-bandwidth", action="store_true", help="skip measuring the bandwidth (no bound)")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="a tiny random GPT-J, compiled for this CPU, generating",
                        description="Write a tiny random GPT-J, compile it for this CPU and generate text.")

@@ -6,6 +6,7 @@ import tvm
 from tvm.s_tir import dlight as dl
 
 from .cpu_matmul import CPUMatmul
+from .cpu_quant import CPUQuantMatmul
 from .database import workload_module
 
 HAND_WRITTEN = "hand-written"
@@ -16,7 +17,7 @@ def cpu_rules() -> list:
     # dlight's cpu.Reduction is left out: it made a 4096-wide LayerNorm 20 ms instead of 0.01 ms unscheduled.
     # dlight's cpu.GEMV is left out too: it only takes [out, in] weights, which CPU artifacts never have (only
     # the GPU variant compiled for a CPU, in tests), and LLVM took 240 s on one tiny GEMV it had scheduled.
-    return [CPUMatmul()]
+    return [CPUQuantMatmul(), CPUMatmul()]
 
 
 def gpu_rules() -> list:

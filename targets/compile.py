@@ -7,6 +7,7 @@ that is renamed into place when everything has been written.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import sys
@@ -18,7 +19,8 @@ from tqdm import tqdm
 
 from gptj_tvm.errors import GptjError
 from gptj_tvm.files import staging_dir
-from gptj_tvm.frontend.config import DTYPES, GPTJConfig
+from gptj_tvm.frontend.config import BF16_PAIRS, DTYPES, ROWS, GPTJConfig
+from gptj_tvm.frontend.quantization import check_scheme
 from gptj_tvm.frontend.random_checkpoint import packaged_tokenizer_dir
 from gptj_tvm.frontend.weights import Checkpoint
 from gptj_tvm.ir import pipeline
@@ -28,14 +30,20 @@ from gptj_tvm.schedules.default import schedule_kernels
 
 from . import cuda
 from .convert import write_weights
+from .host import has_avx512, has_vnni
 from .resolve import device_name, is_gpu, resolve_target, tuning_fingerprint
 
 
-def variant_for(target: tvm.target.Target):
-    """The model variant (weight layout, attention kernel form) a target runs."""
+def variant_for(target: tvm.target.Target, dtype: str):
+    """The model variant (weight layout, attention kernel form) a target runs: bfloat16 on AVX-512 keeps its
+    weights in input-feature pairs (frontend/x86_gemm.py)."""
     from gptj_tvm.frontend import model  # noqa: PLC0415
 
-    return model.GPU if is_gpu(target) else model.CPU
+    if is_gpu(target):
+        return model.GPU
+    if dtype == "bfloat16" and has_avx512():
+        return dataclasses.replace(model.CPU, weight_layout=BF16_PAIRS)
+    return model.CPU
 
 
 def export_model(config: GPTJConfig, dtype: str, fuse_block: bool = True, variant=None):
@@ -53,7 +61,7 @@ def build_library(config: GPTJConfig, dtype: str, target: tvm.target.Target, out
     schedule each kernel got (tuned ones from `tuned`, a MetaSchedule database, where it has them) and the
     kernels decode and prefill call, in order (what runs, counted from the compiled graph). On a GPU
     every kernel must come out bound to threads; the device code is built with nvcc (targets/cuda.py)."""
-    mod, param_names = export_model(config, dtype, fuse_block, variant or variant_for(target))
+    mod, param_names = export_model(config, dtype, fuse_block, variant or variant_for(target, dtype))
     report: dict[str, str] = {}
     calls: dict[str, list[str]] = {}
 
@@ -125,13 +133,21 @@ def tune_model(model_dir, out, target: str = "llvm", dtype: str | None = None, f
 
 def compile_model(model_dir, out_dir, target: str = "llvm", dtype: str | None = None,
                   fuse_block: bool = True, tuning_db=None, progress: bool = True, arch: str | None = None,
-                  weights: bool = True, variant=None) -> dict:
+                  weights: bool = True, quantization: str | None = None, vnni: bool | None = None,
+                  variant=None) -> dict:
     """`gptj-tvm compile`: library, converted weights (unless weights=False: `convert-weights` adds them
     later), tokenizer and metadata. `variant` (frontend.model.Variant) overrides the target's own, for tests:
-    the GPU variant compiled for the CPU runs the GPU kernels' math here."""
+    the GPU variant compiled for the CPU runs the GPU kernels' math here. `vnni` (quantized artifacts): integer
+    dot-product GEMMs; by default where this CPU has AVX-512 VNNI."""
     out_dir = Path(out_dir)
     model_dir, config, dtype, tvm_target = prepare(model_dir, target, dtype, arch)
-    variant = variant or variant_for(tvm_target)
+    variant = variant or variant_for(tvm_target, dtype)
+    if quantization is not None:
+        check_scheme(quantization)
+        if variant.weight_layout == ROWS:
+            raise GptjError(f"--quantization is for CPU artifacts (--target llvm) for now, not {target!r}")
+        vnni = has_vnni() if vnni is None else vnni
+        variant = dataclasses.replace(variant, quantization=quantization, vnni=vnni)
     checkpoint = Checkpoint(model_dir, config) if weights else None  # checks names and shapes before long work
     vocab, merges = tokenizer_files(model_dir)
     tuned = open_tuning_db(tuning_db, tvm_target, dtype) if tuning_db else None
@@ -148,7 +164,10 @@ def compile_model(model_dir, out_dir, target: str = "llvm", dtype: str | None = 
         meta = dict(config=config.to_dict(), dtype=dtype, target=json.loads(str(tvm_target)),
                     device=device_name(tvm_target), tvm_version=tvm.__version__, params=params,
                     functions=["prefill", "prefill_all", "decode"],
-                    extra={"fuse_block": fuse_block, "weight_layout": variant.weight_layout, "kernels": kernels,
+                    extra={"fuse_block": fuse_block, "weight_layout": variant.weight_layout,
+                           "quantization": variant.quantization,
+                           "quantized_gemm": ("vnni" if variant.vnni else "float32") if variant.quantization else None,
+                           "kernels": kernels,
                            "kernel_calls": calls, "compile_timings": timings,
                            "tuning_db": str(tuning_db) if tuned is not None else None})
         files = None

@@ -25,7 +25,7 @@ def write_weights(checkpoint: Checkpoint, meta: dict, folder: Path, progress: bo
     """The checkpoint converted for the artifact described by meta (dtype, fused blocks, weight layout), written
     as shards into folder; returns the file names and the seconds it took."""
     start = time.perf_counter()
-    tensors = checkpoint.converted(meta["dtype"], meta["fuse_block"], meta["weight_layout"])
+    tensors = checkpoint.converted(meta["dtype"], meta["fuse_block"], meta["weight_layout"], meta.get("quantization"))
     with tqdm(total=len(meta["params"]), desc="convert weights", disable=not progress, leave=False) as bar:
         files = write_shards(tensors, folder, on_tensor=lambda _: bar.update())
     return list(files), time.perf_counter() - start

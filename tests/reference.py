@@ -68,21 +68,25 @@ class ReferenceGPTJ:
         for i in range(c["n_layer"]):
             p = f"transformer.h.{i}."
             x = layer_norm(h, w[p + "ln_1.weight"], w[p + "ln_1.bias"], self.eps)
-            q = (x @ w[p + "attn.q_proj.weight"].T).reshape(T, self.n_head, self.head_dim)
-            k = (x @ w[p + "attn.k_proj.weight"].T).reshape(T, self.n_head, self.head_dim)
-            v = (x @ w[p + "attn.v_proj.weight"].T).reshape(T, self.n_head, self.head_dim)
+            q = self.project(x, p + "attn.q_proj.weight").reshape(T, self.n_head, self.head_dim)
+            k = self.project(x, p + "attn.k_proj.weight").reshape(T, self.n_head, self.head_dim)
+            v = self.project(x, p + "attn.v_proj.weight").reshape(T, self.n_head, self.head_dim)
             q = rotate_every_two(q, positions, c["rotary_dim"])
             k = rotate_every_two(k, positions, c["rotary_dim"])
             scores = np.einsum("thd,shd->hts", q, k) / math.sqrt(self.head_dim)
             scores = np.where(mask[None], scores, -np.inf)
             probs = np.exp(scores - scores.max(-1, keepdims=True))
             probs /= probs.sum(-1, keepdims=True)
-            attn = np.einsum("hts,shd->thd", probs, v).reshape(T, -1) @ w[p + "attn.out_proj.weight"].T
-            ffn = gelu_new(x @ w[p + "mlp.fc_in.weight"].T + w[p + "mlp.fc_in.bias"])
-            ffn = ffn @ w[p + "mlp.fc_out.weight"].T + w[p + "mlp.fc_out.bias"]
+            attn = self.project(np.einsum("hts,shd->thd", probs, v).reshape(T, -1), p + "attn.out_proj.weight")
+            ffn = gelu_new(self.project(x, p + "mlp.fc_in.weight") + w[p + "mlp.fc_in.bias"])
+            ffn = self.project(ffn, p + "mlp.fc_out.weight") + w[p + "mlp.fc_out.bias"]
             h = h + attn + ffn
         h = layer_norm(h, w["transformer.ln_f.weight"], w["transformer.ln_f.bias"], self.eps)
-        return h @ w["lm_head.weight"].T + w["lm_head.bias"]
+        return self.project(h, "lm_head.weight") + w["lm_head.bias"]
+
+    def project(self, x: np.ndarray, weight: str) -> np.ndarray:
+        """x @ W^T for the HF linear weight named weight ([out, in])."""
+        return x @ self.w[weight].T
 
     def greedy(self, ids, n: int) -> list[int]:
         ids = list(ids)

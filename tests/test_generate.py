@@ -91,3 +91,12 @@ def test_cli_generate_streams_the_same_text(artifact, capsys):
     expected = gptj_tvm.load(artifact("tiny")).generate([464, 10730], max_new_tokens=8).text
     assert main(["generate", str(artifact("tiny")), "--prompt-ids", "464,10730", "--max-new-tokens", "8"]) == 0
     assert capsys.readouterr().out == expected + "\n"
+
+
+def test_a_cache_too_small_for_the_tokens_is_refused(generator):
+    gen = generator("tiny")
+    cache = gen.new_cache(4)
+    assert int(cache[0].shape[0]) == 4
+    logits, cache = gen.forward("prefill", [1, 2, 3, 4], cache, 4)
+    with pytest.raises(GptjError, match="do not fit a KV cache of 4 positions"):
+        gen.forward("decode", [5], cache, 5)

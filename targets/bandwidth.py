@@ -1,11 +1,13 @@
-"""Memory read bandwidth with every core, measured by a TVM-compiled sum over a buffer far larger than the caches.
+"""This host's memory read bandwidth with every thread: a TVM-compiled sum over a buffer far larger than the caches.
 
+The denominator of every bandwidth bound (weight bytes / read bandwidth) in `gptj-tvm bench` and benchmarks/.
 A single-threaded numpy copy under-reports what the GEMVs can reach: this kernel reads with all threads, as
-the model's kernels do. `python benchmarks/bandwidth.py` prints it.
+the model's kernels do. `python -m gptj_tvm.targets.bandwidth` prints it.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -16,7 +18,7 @@ os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
 import tvm  # noqa: E402
 from tvm import s_tir, te  # noqa: E402
 
-from gptj_tvm.targets.llvm import host_target  # noqa: E402
+from .llvm import host_target  # noqa: E402
 
 LANES = 128
 
@@ -38,7 +40,7 @@ def _sum_kernel(n: int, parts: int) -> tvm.tirx.PrimFunc:
     return sch.mod["main"]
 
 
-def read_bandwidth(gib: float = 2.0, repeats: int = 10) -> float:
+def read_bandwidth(gib: float = 4.0, repeats: int = 10) -> float:
     """Bytes read per second by all threads summing a gib-GiB float32 buffer (best of repeats)."""
     threads = int(os.environ["TVM_NUM_THREADS"])
     parts = threads * 8
@@ -54,5 +56,9 @@ def read_bandwidth(gib: float = 2.0, repeats: int = 10) -> float:
 
 
 if __name__ == "__main__":
-    print(f"{read_bandwidth() / 1e9:.1f} GB/s read with {os.environ['TVM_NUM_THREADS']} threads")
+    bandwidth = read_bandwidth()
+    if "--json" in sys.argv:
+        print(json.dumps({"read_bandwidth": bandwidth, "threads": int(os.environ["TVM_NUM_THREADS"])}))
+    else:
+        print(f"{bandwidth / 1e9:.1f} GB/s read with {os.environ['TVM_NUM_THREADS']} threads")
     sys.exit(0)

@@ -1,0 +1,63 @@
+"""The hand-written x86 GEMMs (frontend/x86_gemm.py) against numpy, exactly, and where compile uses them."""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+import pytest
+import tvm
+
+from gptj_tvm.frontend import quantization
+from gptj_tvm.frontend.x86_gemm import bf16_matmul, vnni_matmul
+from gptj_tvm.frontend.weights import pairs
+from gptj_tvm.targets.host import has_avx512, has_vnni
+from gptj_tvm.targets.llvm import host_target
+
+QMAX = {"q8": 127, "q4": 7}
+GROUP = quantization.GROUP
+
+
+def build(func):
+    return tvm.tirx.build(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=host_target())
+
+
+@pytest.mark.skipif(not has_avx512(), reason="bfloat16 pair GEMMs are compiled for AVX-512 CPUs only")
+def test_bf16_pair_kernel_is_exact():
+    k, n, rows = 128, 192, 3
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, rows, k)).astype(ml_dtypes.bfloat16)
+    weight = rng.standard_normal((k, n)).astype(ml_dtypes.bfloat16)
+    out = tvm.runtime.empty((1, rows, n), "float32")
+    build(bf16_matmul(k, n))["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(pairs(weight)), out)
+    expected = x[0].astype(np.float64) @ weight.astype(np.float64)
+    assert np.abs(out.numpy()[0] - expected).max() < 1e-5 * np.abs(expected).max()
+
+
+@pytest.mark.skipif(not has_avx512(), reason="bfloat16 pair GEMMs are compiled for AVX-512 CPUs only")
+def test_bfloat16_artifacts_use_the_pair_kernel(generator):
+    meta = generator("bfloat16").meta
+    assert meta["weight_layout"] == "bf16-pairs"
+    gemms = [name for name in meta["kernels"] if "bf16_matmul" in name]
+    assert len(gemms) >= 3 and not [name for name in meta["kernels"] if "matmul" in name and name not in gemms]
+
+
+@pytest.mark.skipif(not has_vnni(), reason="this CPU has no AVX-512 VNNI")
+@pytest.mark.parametrize("scheme", ["q8", "q4"])
+def test_vnni_kernel_is_exact(scheme):
+    """The VNNI GEMM against integer numpy: sum over groups of w_scale x_scale (x_q . q - nothing else)."""
+    k, n, rows = 128, 192, 3
+    rng = np.random.default_rng(0)
+    levels = rng.integers(-QMAX[scheme], QMAX[scheme] + 1, size=(k, n)).astype(np.int8)
+    w_scale = rng.uniform(0.5, 2.0, size=(k // GROUP, n)).astype(np.float16)
+    x_q = rng.integers(-127, 128, size=(1, rows, k)).astype(np.int8)
+    x_scale = rng.uniform(0.1, 1.0, size=(1, rows, k // GROUP)).astype(np.float32)
+    x_sum = x_q.reshape(1, rows, k // GROUP, GROUP).astype(np.int32).sum(-1).astype(np.int32)
+    dots = np.einsum("rgk,gkc->rgc", x_q[0].reshape(rows, k // GROUP, GROUP).astype(np.int64),
+                     levels.reshape(k // GROUP, GROUP, n).astype(np.int64))
+    expected = (dots * (w_scale.astype(np.float64)[None] * x_scale[0][:, :, None])).sum(1)
+    lib = build(vnni_matmul(k, n, scheme))
+    args = [tvm.runtime.tensor(a) for a in (x_q, x_scale, x_sum, quantization.pack(levels, scheme),
+                                            quantization.tiled(w_scale))]
+    out = tvm.runtime.empty((1, rows, n), "float32")
+    lib["main"](*args, out)
+    assert np.allclose(out.numpy()[0], expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())

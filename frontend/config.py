@@ -30,18 +30,7 @@ WEIGHT_TILES = (512, 256, 128, 64, 32, 16, 8)
 # Where a compiled model's linear weights live: CPU kernels read column tiles (above); GPU GEMVs (dlight's GEMV
 # rule: one warp group per output row, a cross-thread sum) read Hugging Face's own [out, in] rows.
 COLUMN_TILES, ROWS = "column-tiles", "rows"
-# bfloat16 on x86 with AVX-512: input-feature pairs in tiles of 64 outputs (x86_gemm.bf16_matmul), column
-# tiles for the linears whose shape does not fit them.
-BF16_PAIRS = "bf16-pairs"
-PAIR_TILE = 64
-WEIGHT_LAYOUTS = (COLUMN_TILES, ROWS, BF16_PAIRS)
-
-
-def linear_layout(layout: str, in_features: int, out_features: int) -> str:
-    """The layout of one linear weight of an artifact whose weight layout is `layout`."""
-    if layout == BF16_PAIRS and (out_features % PAIR_TILE or in_features % 2):
-        return COLUMN_TILES
-    return layout
+WEIGHT_LAYOUTS = (COLUMN_TILES, ROWS)
 
 
 def weight_tile(out_features: int) -> int:

@@ -25,8 +25,7 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 
 from . import gpu_kernels, kernels, quantization, x86_gemm
-from .config import (BF16_PAIRS, COLUMN_TILES, GELU_NEW_COEFF, GELU_NEW_SCALE, PAIR_TILE, ROWS, GPTJConfig,
-                     linear_layout, weight_tile)
+from .config import COLUMN_TILES, GELU_NEW_COEFF, GELU_NEW_SCALE, ROWS, GPTJConfig, weight_tile
 
 F32 = "float32"
 
@@ -55,16 +54,12 @@ GPU_ON_CPU = Variant(ROWS, gpu_kernels.Loops(gpu=False))  # the GPU graph, runna
 
 class Linear(nn.Module):
     """y = x @ W + bias, accumulated in float32, with W [in, out] stored in column tiles [out / t, in, t]
-    (weights.tiled), as [out, in] rows (layout ROWS), or in bfloat16 input-feature pairs (BF16_PAIRS, where the
-    shape fits: config.linear_layout). Biases are stored in float32: they are tiny, and a cast of a weight
-    would run every step."""
+    (weights.tiled) or as [out, in] rows (layout ROWS). Biases are stored in float32: they are tiny, and a
+    cast of a weight would run every step."""
 
     def __init__(self, in_features: int, out_features: int, dtype: str, bias: bool, layout: str = COLUMN_TILES):
-        layout = linear_layout(layout, in_features, out_features)
         if layout == ROWS:
             self.weight = nn.Parameter((out_features, in_features), dtype)
-        elif layout == BF16_PAIRS:
-            self.weight = nn.Parameter((out_features // PAIR_TILE, in_features // 2, PAIR_TILE, 2), dtype)
         else:
             tile = weight_tile(out_features)
             self.weight = nn.Parameter((out_features // tile, in_features, tile), dtype)
@@ -74,15 +69,7 @@ class Linear(nn.Module):
 
     def forward_f32(self, x: nn.Tensor) -> nn.Tensor:
         """The float32 result, before rounding to the model dtype."""
-        if self.layout == ROWS:
-            y = rows_matmul(x, self.weight)
-        elif self.layout == BF16_PAIRS:
-            out_features = int(self.weight.shape[0]) * PAIR_TILE
-            kernel = x86_gemm.bf16_matmul(int(self.weight.shape[1]) * 2, out_features)
-            y = op.tensor_ir_op(kernel, "bf16_matmul", [x, self.weight],
-                                nn.Tensor.placeholder([1, x.shape[1], out_features], F32))
-        else:
-            y = tiled_matmul(x, self.weight)
+        y = rows_matmul(x, self.weight) if self.layout == ROWS else tiled_matmul(x, self.weight)
         return y + self.bias if self.bias is not None else y
 
     def forward(self, x: nn.Tensor) -> nn.Tensor:

@@ -21,7 +21,7 @@ from safetensors.numpy import save_file
 from gptj_tvm.errors import GptjError
 
 from . import quantization as quant
-from .config import BF16_PAIRS, COLUMN_TILES, PAIR_TILE, ROWS, GPTJConfig, linear_layout, rotary_tables, weight_tile
+from .config import COLUMN_TILES, ROWS, GPTJConfig, rotary_tables, weight_tile
 
 NUMPY_DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16),
                 "bfloat16": np.dtype(ml_dtypes.bfloat16)}
@@ -98,14 +98,6 @@ def tiled(weight: np.ndarray) -> np.ndarray:
     t = weight_tile(n)
     bits = weight.view(np.uint16) if weight.dtype.itemsize == 2 else weight
     return np.ascontiguousarray(bits.reshape(k, n // t, t).transpose(1, 0, 2)).view(weight.dtype)
-
-
-def pairs(weight: np.ndarray) -> np.ndarray:
-    """[in, out] -> [out / PAIR_TILE, in / 2, PAIR_TILE, 2] (x86_gemm.bf16_matmul), contiguous."""
-    k, n = weight.shape
-    bits = weight.view(np.uint16) if weight.dtype.itemsize == 2 else weight
-    grouped = bits.reshape(k // 2, 2, n // PAIR_TILE, PAIR_TILE).transpose(2, 0, 3, 1)
-    return np.ascontiguousarray(grouped).view(weight.dtype)
 
 
 def _transposed(tensor: np.ndarray) -> np.ndarray:
@@ -210,9 +202,7 @@ class Checkpoint:
                 yield ours, quant.pack(levels, scheme)
                 yield ours.replace(".weight", ".scale"), quant.tiled(scales)
                 continue
-            if linear and linear_layout(layout, *tensor.shape) == BF16_PAIRS:
-                tensor = pairs(tensor)
-            elif linear and not rows:  # [in, out] -> [out / t, in, t]
+            if linear and not rows:  # [in, out] -> [out / t, in, t]
                 tensor = tiled(tensor)
             yield ours, np.ascontiguousarray(tensor)
 

@@ -1,13 +1,7 @@
-"""Hand-written x86 GEMMs in TIR: bfloat16 weights in input-feature pairs, and q8/q4 with AVX-512 VNNI.
+"""The q8/q4 GEMM on AVX-512 VNNI integer dot products (x86 CPUs with avx512_vnni), written in TIR.
 
-Both run one task per column tile of TILE outputs (a contiguous run of the weight file), with the rows (prompt
-positions) inside it, so prefill re-reads a tile from L2 rather than from memory; the accumulators (TILE
-float32, four 512-bit registers) never leave the registers.
-
-bf16_matmul: weights [out / TILE, in / 2, TILE, 2], two consecutive input features of one output in one 32-bit
-word, so a 64-byte load holds 16 outputs x 2 features, and widening to float32 is a shift (the even feature)
-and a mask (the odd one): 4 instructions per 64 weight bytes with the two FMAs. The generic column-tile
-schedule needed 6 and kept 512 float32 accumulators, more than the registers (bf16 GEMVs ran at 1.5x their bound).
+One task per column tile of TILE outputs (a contiguous run of the weight file), with the rows (prompt
+positions) inside it, so prefill re-reads a tile from L2 rather than from memory.
 
 vnni_matmul:
 y[t, c] = sum over groups g of  w_scale[g, c] * x_scale[t, g] * (sum over the group's k of x_q[t, k] * q[k, c])
@@ -27,51 +21,8 @@ from tvm.script import tirx as T
 from .kernels import HAND_SCHEDULED
 from .quantization import GROUP, OFFSET, TILE
 
-LANES = 16  # 32-bit lanes of a 512-bit register: 16 columns x 4 (VNNI) or 2 (bf16) input features
+LANES = 16  # 32-bit lanes of a 512-bit register: 16 columns x 4 input features = 64 weight bytes
 VPDPBUSD = "llvm.x86.avx512.vpdpbusd.512"
-HIGH_HALF = -65536  # 0xFFFF0000 as int32: the odd feature's bfloat16 bits, in place as a float32
-
-
-def bf16_matmul(in_features: int, out_features: int):
-    """(x [1, n, K] bfloat16, weight [N / TILE, K / 2, TILE, 2] bfloat16) -> y [1, n, N] float32."""
-    K, N = in_features, out_features
-    tiles = N // TILE
-
-    @T.prim_func(private=True, s_tir=True)
-    def kernel(var_x: T.handle, weight_bf16: T.Buffer((tiles, K // 2, TILE, 2), "bfloat16"), var_y: T.handle):
-        T.func_attr(HAND_SCHEDULED)
-        n = T.int64()
-        x_bf16 = T.match_buffer(var_x, (1, n, K), "bfloat16")
-        y = T.match_buffer(var_y, (1, n, N), "float32")
-        # the same memory as 16-bit integers: TVM computes bfloat16 in float32, and these are bit tricks
-        x = T.decl_buffer((1, n, K), "uint16", data=x_bf16.data)
-        weight = T.decl_buffer((tiles, K // 2, TILE, 2), "uint16", data=weight_bf16.data)
-        for tile in T.parallel(tiles):
-            for t in range(n):
-                with T.sblock("bf16_matmul"):
-                    T.reads(x[0, t, 0:K], weight[tile, 0:K // 2, 0:TILE, 0:2])
-                    T.writes(y[0, t, tile * TILE:tile * TILE + TILE])
-                    even = T.sblock_alloc_buffer((TILE,), "float32", scope="local")
-                    odd = T.sblock_alloc_buffer((TILE,), "float32", scope="local")
-                    for c in T.vectorized(TILE):
-                        even[c] = T.float32(0)
-                        odd[c] = T.float32(0)
-                    for k2 in range(K // 2):
-                        for lane in T.unroll(TILE // LANES):
-                            words = T.reinterpret(weight.vload([tile, k2, lane * LANES, 0], "uint16x32"),
-                                                  dtype="int32x16")
-                            pair = T.reinterpret(x.vload([0, t, k2 * 2], "uint16x2"), dtype="int32")
-                            columns = T.ramp(lane * LANES, 1, LANES)
-                            even[columns] = even.vload([lane * LANES], "float32x16") + T.reinterpret(
-                                T.shift_left(words, T.Broadcast(16, LANES)), dtype="float32x16") * T.Broadcast(
-                                T.reinterpret(T.shift_left(pair, 16), dtype="float32"), LANES)
-                            odd[columns] = odd.vload([lane * LANES], "float32x16") + T.reinterpret(
-                                T.bitwise_and(words, T.Broadcast(HIGH_HALF, LANES)), dtype="float32x16") * T.Broadcast(
-                                T.reinterpret(T.bitwise_and(pair, HIGH_HALF), dtype="float32"), LANES)
-                    for c in T.vectorized(TILE):
-                        y[0, t, tile * TILE + c] = even[c] + odd[c]
-
-    return kernel
 
 
 def vnni_matmul(in_features: int, out_features: int, scheme: str):
@@ -109,20 +60,19 @@ def vnni_matmul(in_features: int, out_features: int, scheme: str):
                             dot[c] = 0
                         for step in T.unroll(quads // 2 if q4 else quads):
                             for lane in T.unroll(TILE // LANES):
+                                # no Python names for vector values: TVMScript would give each a buffer
                                 if q4:
-                                    packed = weight.vload([tile, g * (quads // 2) + step, lane * LANES, 0], "uint8x64")
-                                    low = T.bitwise_and(packed, T.Broadcast(T.uint8(15), 64))
-                                    high = T.bitwise_and(T.shift_right(packed, T.Broadcast(T.uint8(4), 64)),
-                                                         T.Broadcast(T.uint8(15), 64))
                                     dot[T.ramp(lane * LANES, 1, LANES)] = _vpdpbusd(
-                                        _vpdpbusd(dot.vload([lane * LANES], "int32x16"), low,
+                                        _vpdpbusd(dot.vload([lane * LANES], "int32x16"),
+                                                  _nibbles(weight, tile, g * (quads // 2) + step, lane, 0),
                                                   xq, t, g * groups_per_k + step * 8),
-                                        high, xq, t, g * groups_per_k + step * 8 + 4)
+                                        _nibbles(weight, tile, g * (quads // 2) + step, lane, 4),
+                                        xq, t, g * groups_per_k + step * 8 + 4)
                                 else:
-                                    packed = weight.vload([tile, g * quads + step, lane * LANES, 0], "uint8x64")
                                     dot[T.ramp(lane * LANES, 1, LANES)] = _vpdpbusd(
-                                        dot.vload([lane * LANES], "int32x16"), packed, xq, t,
-                                        g * groups_per_k + step * 4)
+                                        dot.vload([lane * LANES], "int32x16"),
+                                        weight.vload([tile, g * quads + step, lane * LANES, 0], "uint8x64"),
+                                        xq, t, g * groups_per_k + step * 4)
                         for c in T.vectorized(TILE):
                             acc[c] = acc[c] + T.Cast("float32", dot[c] - offset * xsum[0, t, g]) * (
                                 T.Cast("float32", w_scale[tile, g, c]) * xs[0, t, g])
@@ -130,6 +80,14 @@ def vnni_matmul(in_features: int, out_features: int, scheme: str):
                         y[0, t, tile * TILE + c] = acc[c]
 
     return kernel
+
+
+def _nibbles(weight, tile, row, lane, shift):
+    """64 bytes of q4 levels: the low (shift 0) or high (shift 4) nibbles, as unsigned bytes."""
+    packed = weight.vload([tile, row, lane * LANES, 0], "uint8x64")
+    if shift:
+        packed = T.shift_right(packed, T.Broadcast(T.uint8(shift), 64))
+    return T.bitwise_and(packed, T.Broadcast(T.uint8(15), 64))
 
 
 def _vpdpbusd(acc, weights_u8x64, xq, t, k):

@@ -56,21 +56,26 @@ def run_bench(folder, bandwidth: float | None, progress: bool = True) -> dict:
             times = [_timed(lambda i=i: gen.forward("decode", [ids[i]], cache, context + i))
                      for i in range(min(DECODE_STEPS + 2, gen.context - context + 1))]
             result[f"decode_{context}_ms"] = 1e3 * float(np.median(times[2:] or times))
-            if context == contexts[0]:  # where a decode step's time goes, kernel by kernel
-                tokens = tvm.runtime.tensor(np.asarray([[ids[0]]], dtype=np.int32), gen.device)
-                total = min(context + len(times), int(cache[0].shape[0]))  # never past the cache
-                _, calls = record_calls(gen._vm, "decode", tokens, cache, tvm.runtime.ShapeTuple([total]),
-                                        gen._params)
-                result["decode_kernels"] = summarize(calls)
+            # where a decode step's time goes, kernel by kernel
+            tokens = tvm.runtime.tensor(np.asarray([[ids[0]]], dtype=np.int32), gen.device)
+            total = min(context + len(times), int(cache[0].shape[0]))  # never past the cache
+            _, calls = record_calls(gen._vm, "decode", tokens, cache, tvm.runtime.ShapeTuple([total]),
+                                    gen._params)
+            result[f"decode_{context}_kernels"] = summarize(calls)
             del cache
             bar.update()
     result["peak_rss_bytes"] = peak_rss_bytes()
     if bandwidth:
-        result["read_bandwidth_gb_s"] = bandwidth / 1e9
-        result["bound_ms"] = 1e3 * result["weight_bytes"] / bandwidth
-        for context in contexts:
-            result[f"decode_{context}_x_bound"] = result[f"decode_{context}_ms"] / result["bound_ms"]
+        add_bound(result, bandwidth)
     return result
+
+
+def add_bound(result: dict, bandwidth: float) -> None:
+    """The decode bound (weight bytes / read bandwidth) and each decode time as a multiple of it."""
+    result["read_bandwidth_gb_s"] = bandwidth / 1e9
+    result["bound_ms"] = 1e3 * result["weight_bytes"] / bandwidth
+    for key in [k for k in result if k.startswith("decode_") and k.endswith("_ms")]:
+        result[key.replace("_ms", "_x_bound")] = result[key] / result["bound_ms"]
 
 
 def _cache_at(gen: Generator, context: int):
@@ -110,8 +115,9 @@ def table(result: dict) -> str:
                          f"{value:.1f} ms/token" + (f" ({bound:.2f}x the bound)" if bound else "")))
     width = max(len(name) for name, _ in rows)
     lines = [f"{name:{width}s}  {value}" for name, value in rows]
-    if "decode_kernels" in result:
-        lines.append("one decode step, by kernel (calls, ms; the instrument hook adds a little to each):")
-        lines += [f"  {row['name']:44s} {row['calls']:4d} {row['total_ms']:9.2f}" for row in result["decode_kernels"][:12]]
+    for key in [k for k in result if k.endswith("_kernels")]:
+        lines.append(f"one decode step at context {key.split('_')[1]}, by kernel (calls, ms; the instrument "
+                     "hook adds a little to each):")
+        lines += [f"  {row['name']:44s} {row['calls']:4d} {row['total_ms']:9.2f}" for row in result[key][:8]]
     return "\n".join(lines)
 

@@ -32,6 +32,27 @@ def _is_reduction(sch: s_tir.Schedule, block) -> bool:
     return any(iv.iter_type == tirx.IterVar.CommReduce for iv in sch.get(block).iter_vars)
 
 
+def fold_into_reductions(sch: s_tir.Schedule, root, blocks, reductions):
+    """Inline every prologue (casts of inputs) into the reductions and every epilogue (bias, casts, residual
+    adds) into a local write-back of the last reduction (the matmul). Returns the reductions' fresh block
+    handles and the write-back; raises where a block does not fold."""
+    # by name: a block's statement changes as others are inlined into it
+    keep = [sch.get(b).name_hint for b in reductions]
+    last = sch.get(blocks[-1]).name_hint
+    for name in [sch.get(b).name_hint for b in blocks]:
+        if name not in keep and name != last:
+            sch.compute_inline(sch.get_sblock(name))
+    kept = [sch.get_sblock(name) for name in keep]
+    write_back = sch.cache_write(kept[-1], 0, "local")
+    done = set(keep) | {sch.get(write_back).name_hint}
+    rest = [b for b in sch.get_child_blocks(root) if sch.get(b).name_hint not in done]
+    if len(rest) > 1:
+        raise ValueError("more than one epilogue block left")
+    for block in rest:
+        sch.reverse_compute_inline(block)
+    return kept, write_back
+
+
 def _reads_columns_contiguously(block) -> bool:
     """Whether some input's innermost index is the output column (the weight [in, out] or its column tiles)."""
     column = block.iter_vars[-2].var
@@ -78,19 +99,7 @@ class CPUMatmul(ScheduleRule):
                 any(iv.iter_type != tirx.IterVar.DataPar for iv in iters[:-1]):
             return None
         try:
-            # everything but the matmul and the last block folds into its neighbours
-            for block in blocks:
-                if sch.get(block).same_as(sch.get(matmul)) or sch.get(block).same_as(sch.get(blocks[-1])):
-                    continue
-                sch.compute_inline(block)
-            matmul = sch.get_sblock(sch.get(matmul).name_hint)
-            write_back = sch.cache_write(matmul, 0, "local")
-            rest = [b for b in sch.get_child_blocks(root)
-                    if not sch.get(b).same_as(sch.get(matmul)) and not sch.get(b).same_as(sch.get(write_back))]
-            if len(rest) > 1:
-                return None
-            for block in rest:
-                sch.reverse_compute_inline(block)
+            (matmul,), write_back = fold_into_reductions(sch, root, blocks, [matmul])
         except Exception:  # noqa: BLE001  (a kernel this rule cannot shape: another rule or none handles it)
             return None
 

@@ -22,7 +22,7 @@ from tvm.target import Target
 
 from gptj_tvm.frontend.quantization import TILE
 
-from .cpu_matmul import _is_reduction, _static_extent
+from .cpu_matmul import _is_reduction, _static_extent, fold_into_reductions
 
 
 class CPUQuantMatmul(ScheduleRule):
@@ -45,14 +45,7 @@ class CPUQuantMatmul(ScheduleRule):
         if not any(r.source.same_as(partial.writes[0].source) for r in matmul.reads):
             return None
         try:
-            for block in blocks:
-                if not any(sch.get(block).same_as(b) for b in (partial, matmul, sch.get(blocks[-1]))):
-                    sch.compute_inline(block)
-            partial_rv, matmul_rv = sch.get_sblock(partial.name_hint), sch.get_sblock(matmul.name_hint)
-            write_back = sch.cache_write(matmul_rv, 0, "local")
-            for block in sch.get_child_blocks(root):
-                if not any(sch.get(block).same_as(sch.get(b)) for b in (partial_rv, matmul_rv, write_back)):
-                    sch.reverse_compute_inline(block)
+            (partial_rv, matmul_rv), write_back = fold_into_reductions(sch, root, blocks, reductions)
         except Exception:  # noqa: BLE001  (a kernel this rule cannot shape: another rule or none handles it)
             return None
 

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from gptj_tvm.errors import GptjError
 from gptj_tvm.files import staging_dir
-from gptj_tvm.frontend.config import BF16_PAIRS, DTYPES, ROWS, GPTJConfig
+from gptj_tvm.frontend.config import DTYPES, ROWS, GPTJConfig
 from gptj_tvm.frontend.quantization import check_scheme
 from gptj_tvm.frontend.random_checkpoint import packaged_tokenizer_dir
 from gptj_tvm.frontend.weights import Checkpoint
@@ -30,20 +30,15 @@ from gptj_tvm.schedules.default import schedule_kernels
 
 from . import cuda
 from .convert import write_weights
-from .host import has_avx512, has_vnni
+from .host import has_vnni
 from .resolve import device_name, is_gpu, resolve_target, tuning_fingerprint
 
 
 def variant_for(target: tvm.target.Target, dtype: str):
-    """The model variant (weight layout, attention kernel form) a target runs: bfloat16 on AVX-512 keeps its
-    weights in input-feature pairs (frontend/x86_gemm.py)."""
+    """The model variant (weight layout, attention kernel form) a target runs."""
     from gptj_tvm.frontend import model  # noqa: PLC0415
 
-    if is_gpu(target):
-        return model.GPU
-    if dtype == "bfloat16" and has_avx512():
-        return dataclasses.replace(model.CPU, weight_layout=BF16_PAIRS)
-    return model.CPU
+    return model.GPU if is_gpu(target) else model.CPU
 
 
 def export_model(config: GPTJConfig, dtype: str, fuse_block: bool = True, variant=None):
@@ -126,7 +121,7 @@ def tune_model(model_dir, out, target: str = "llvm", dtype: str | None = None, f
     if tvm_target.kind.name != "llvm":
         raise GptjError(f"tune knows this host's CPU (--target llvm) only for now, not {target!r}: "
                         "compile for it with its default schedules")
-    mod = pipeline.optimize(export_model(config, dtype, fuse_block)[0], tvm_target)
+    mod = pipeline.optimize(export_model(config, dtype, fuse_block, variant_for(tvm_target, dtype))[0], tvm_target)
     return tune(mod, tvm_target, tuning_fingerprint(tvm_target, dtype), Path(out), trials=trials,
                 max_seconds=max_seconds, progress=progress)
 

@@ -136,33 +136,39 @@ def _replace_cuda_blob(c_source: str, source: bytes, fatbin: bytes) -> str:
     return (c_source[:start] + f"{head}{len(patched)}] = {{\n  {rows}\n" + c_source[body_end:])
 
 
+class _Reader:
+    """TVM's serialization: little-endian u64s, and u64-length-prefixed byte strings."""
+
+    def __init__(self, data: bytes, offset: int = 0):
+        self.data, self.offset = data, offset
+
+    def u64(self) -> int:
+        (value,) = struct.unpack_from("<Q", self.data, self.offset)
+        self.offset += 8
+        return value
+
+    def bytes(self) -> bytes:
+        n = self.u64()
+        self.offset += n
+        return self.data[self.offset - n:self.offset]
+
+    def skip_words(self) -> None:  # a vector of 4-byte entries (argument dtypes, argument tags)
+        count = self.u64()  # read before the offset is: `offset += 4 * u64()` would lose the count's 8 bytes
+        self.offset += 4 * count
+
+
 def _patched_library_bin(data: bytes, source: bytes, fatbin: bytes) -> bytes:
-    (size,) = struct.unpack_from("<Q", data, 0)
-    if size != len(data) - 8:
+    read = _Reader(data)
+    if read.u64() != len(data) - 8:
         raise GptjError("unexpected layout of TVM's packed library (size header); cannot embed the fatbin")
-    offset = 8
-
-    def read_u64():
-        nonlocal offset
-        (value,) = struct.unpack_from("<Q", data, offset)
-        offset += 8
-        return value
-
-    def read_bytes():
-        nonlocal offset
-        n = read_u64()
-        value = data[offset:offset + n]
-        offset += n
-        return value
-
-    row_ptr = [read_u64() for _ in range(read_u64())]
-    [read_u64() for _ in range(read_u64())]  # child indices
+    row_ptr = [read.u64() for _ in range(read.u64())]
+    [read.u64() for _ in range(read.u64())]  # child indices
     for _ in range(len(row_ptr) - 1):
-        kind = read_bytes()
+        kind = read.bytes()
         if kind == b"_lib":
             continue
-        blob_at = offset
-        blob = read_bytes()
+        blob_at = read.offset
+        blob = read.bytes()
         if kind != b"cuda":
             continue
         code = struct.pack("<Q", len(source)) + source
@@ -171,7 +177,7 @@ def _patched_library_bin(data: bytes, source: bytes, fatbin: bytes) -> bytes:
             raise GptjError("unexpected layout of TVM's CUDA module; cannot embed the fatbin")
         table = blob[len(fmt):len(blob) - len(code)]
         new_blob = (struct.pack("<Q", 6) + b"fatbin" + table + struct.pack("<Q", len(fatbin)) + fatbin)
-        payload = data[8:blob_at] + struct.pack("<Q", len(new_blob)) + new_blob + data[offset:]
+        payload = data[8:blob_at] + struct.pack("<Q", len(new_blob)) + new_blob + data[read.offset:]
         return struct.pack("<Q", len(payload)) + payload
     raise GptjError("no CUDA module in TVM's packed library")
 
@@ -184,37 +190,19 @@ def embedded_cuda_module(library: Path) -> tuple[dict[str, list[str]], bytes]:
     """What an exported library carries for the GPU: {kernel: its launch parameters (blockIdx.x,
     threadIdx.x, ...)} from the CUDA module's function table, and the fatbin."""
     data = Path(library).read_bytes()
-    at = data.find(struct.pack("<Q", 6) + b"fatbin")
+    marker = struct.pack("<Q", 6) + b"fatbin"
+    at = data.find(marker)
     if at < 0:
         raise GptjError(f"{library}: no CUDA fatbin in it")
-    offset = at + 14
-
-    def u64():
-        nonlocal offset
-        (value,) = struct.unpack_from("<Q", data, offset)
-        offset += 8
-        return value
-
-    def string():
-        nonlocal offset
-        n = u64()
-        offset += n
-        return data[offset - n:offset].decode()
-
-    def skip_words():  # a vector of 4-byte entries (argument dtypes, argument tags)
-        nonlocal offset
-        count = u64()
-        offset += 4 * count
-
+    read = _Reader(data, at + len(marker))
     kernels = {}
-    for _ in range(u64()):
-        string()  # the table's key: the kernel's name again
-        name = string()
-        skip_words()
-        kernels[name] = [string() for _ in range(u64())]
-        skip_words()
-    size = u64()
-    fatbin = data[offset:offset + size]
+    for _ in range(read.u64()):
+        read.bytes()  # the table's key: the kernel's name again
+        name = read.bytes().decode()
+        read.skip_words()
+        kernels[name] = [read.bytes().decode() for _ in range(read.u64())]
+        read.skip_words()
+    fatbin = read.bytes()
     if not fatbin.startswith(FATBIN_MAGIC):
         raise GptjError(f"{library}: the CUDA module's code is not a fatbin")
     return kernels, fatbin

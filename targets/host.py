@@ -60,7 +60,3 @@ def has_vnni() -> bool:
     """AVX-512 VNNI (vpdpbusd on 512-bit registers): the quantized GEMMs' integer dot products."""
     return {"avx512f", "avx512_vnni"} <= cpu_flags()
 
-
-def has_avx512() -> bool:
-    """512-bit registers: the bfloat16 pair GEMMs (x86_gemm.bf16_matmul) are written for them."""
-    return "avx512f" in cpu_flags()

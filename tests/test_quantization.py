@@ -33,24 +33,29 @@ def dequantized(weight: np.ndarray, scheme: str) -> np.ndarray:
     return (q * scale).reshape(out, k)
 
 
-def dequantized_checkpoint(source, target, scheme: str):
-    """The checkpoint with every block projection quantized by scheme and lm_head by q8, then widened back."""
+def rewritten_checkpoint(source, target, change):
+    """A copy of the checkpoint at source with every tensor passed through change(name, tensor)."""
     target.mkdir()
     for path in source.iterdir():
         if path.suffix != ".safetensors":
             shutil.copy(path, target / path.name)
             continue
-        tensors = {}
         with safe_open(str(path), framework="np") as f:
-            for name in f.keys():
-                tensor = f.get_tensor(name)
-                if name.endswith(".weight") and name.split(".")[-2] in PROJECTIONS:
-                    tensor = dequantized(tensor, scheme).astype(tensor.dtype)
-                elif name == "lm_head.weight":
-                    tensor = dequantized(tensor, "q8").astype(tensor.dtype)
-                tensors[name] = tensor
+            tensors = {name: change(name, f.get_tensor(name)) for name in f.keys()}
         save_file(tensors, str(target / path.name), metadata={"format": "pt"})
     return target
+
+
+def dequantized_checkpoint(source, target, scheme: str):
+    """The checkpoint with every block projection quantized by scheme and lm_head by q8, then widened back."""
+    def change(name, tensor):
+        if name.endswith(".weight") and name.split(".")[-2] in PROJECTIONS:
+            return dequantized(tensor, scheme).astype(tensor.dtype)
+        if name == "lm_head.weight":
+            return dequantized(tensor, "q8").astype(tensor.dtype)
+        return tensor
+
+    return rewritten_checkpoint(source, target, change)
 
 
 class ActivationQuantizedReference(ReferenceGPTJ):
@@ -140,23 +145,16 @@ def peaked_checkpoint(source, target):
     """The checkpoint made less chaotic and less flat, like a trained model: q and k at the usual scale (the
     random checkpoints double them to make attention sharp, which makes every change flip attention), and
     lm_head rows of log-normal norms, as a vocabulary's frequent tokens have (so the top token stands out)."""
-    target.mkdir()
     rng = np.random.default_rng(5)
-    for path in source.iterdir():
-        if path.suffix != ".safetensors":
-            shutil.copy(path, target / path.name)
-            continue
-        tensors = {}
-        with safe_open(str(path), framework="np") as f:
-            for name in f.keys():
-                tensor = f.get_tensor(name)
-                if name.endswith(("q_proj.weight", "k_proj.weight")):
-                    tensor = tensor * np.float32(0.5)
-                elif name == "lm_head.weight":
-                    tensor = tensor * np.exp(rng.normal(0.0, 2.0, (tensor.shape[0], 1))).astype(np.float32)
-                tensors[name] = tensor.astype(np.float32)
-        save_file(tensors, str(target / path.name), metadata={"format": "pt"})
-    return target
+
+    def change(name, tensor):
+        if name.endswith(("q_proj.weight", "k_proj.weight")):
+            return (tensor * np.float32(0.5)).astype(np.float32)
+        if name == "lm_head.weight":
+            return (tensor * np.exp(rng.normal(0.0, 2.0, (tensor.shape[0], 1)))).astype(np.float32)
+        return tensor.astype(np.float32)
+
+    return rewritten_checkpoint(source, target, change)
 
 
 # Top-1 agreement with the unquantized model over 200 positions of random prompts (seeded). Seen here with the

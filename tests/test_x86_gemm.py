@@ -1,16 +1,14 @@
-"""The hand-written x86 GEMMs (frontend/x86_gemm.py) against numpy, exactly, and where compile uses them."""
+"""The hand-written x86 GEMM (frontend/x86_gemm.py) against integer numpy, exactly."""
 
 from __future__ import annotations
 
-import ml_dtypes
 import numpy as np
 import pytest
 import tvm
 
 from gptj_tvm.frontend import quantization
-from gptj_tvm.frontend.x86_gemm import bf16_matmul, vnni_matmul
-from gptj_tvm.frontend.weights import pairs
-from gptj_tvm.targets.host import has_avx512, has_vnni
+from gptj_tvm.frontend.x86_gemm import vnni_matmul
+from gptj_tvm.targets.host import has_vnni
 from gptj_tvm.targets.llvm import host_target
 
 QMAX = {"q8": 127, "q4": 7}
@@ -19,26 +17,6 @@ GROUP = quantization.GROUP
 
 def build(func):
     return tvm.tirx.build(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=host_target())
-
-
-@pytest.mark.skipif(not has_avx512(), reason="bfloat16 pair GEMMs are compiled for AVX-512 CPUs only")
-def test_bf16_pair_kernel_is_exact():
-    k, n, rows = 128, 192, 3
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((1, rows, k)).astype(ml_dtypes.bfloat16)
-    weight = rng.standard_normal((k, n)).astype(ml_dtypes.bfloat16)
-    out = tvm.runtime.empty((1, rows, n), "float32")
-    build(bf16_matmul(k, n))["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(pairs(weight)), out)
-    expected = x[0].astype(np.float64) @ weight.astype(np.float64)
-    assert np.abs(out.numpy()[0] - expected).max() < 1e-5 * np.abs(expected).max()
-
-
-@pytest.mark.skipif(not has_avx512(), reason="bfloat16 pair GEMMs are compiled for AVX-512 CPUs only")
-def test_bfloat16_artifacts_use_the_pair_kernel(generator):
-    meta = generator("bfloat16").meta
-    assert meta["weight_layout"] == "bf16-pairs"
-    gemms = [name for name in meta["kernels"] if "bf16_matmul" in name]
-    assert len(gemms) >= 3 and not [name for name in meta["kernels"] if "matmul" in name and name not in gemms]
 
 
 @pytest.mark.skipif(not has_vnni(), reason="this CPU has no AVX-512 VNNI")

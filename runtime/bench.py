@@ -1,7 +1,7 @@
 """`gptj-tvm bench`: how fast an artifact runs here, next to what memory bandwidth allows. TVM runtime only.
 
 Prefill tokens/s for 128- and 512-token prompts, decode ms/token at context 128 and 1024, load time, peak RSS
-and weight bytes. A decode step reads every weight once, so weight bytes / read bandwidth is its bound (the
+(after loading, and over the whole run) and weight bytes. A decode step reads every weight once, so weight bytes / read bandwidth is its bound (the
 bandwidth is measured by the caller, in another process, so that its buffer does not count in the peak RSS).
 Decode at a context is timed on a KV cache holding that many positions: at 128 after a real prefill, at 1024
 on a zeroed cache (a step's work does not depend on the cached values, and prefilling 1023 tokens of the 6B
@@ -41,6 +41,7 @@ def run_bench(folder, bandwidth: float | None, progress: bool = True) -> dict:
     gen = Generator.load(folder)
     result = {"artifact": str(folder), "dtype": gen.meta["dtype"], "quantization": gen.meta.get("quantization"),
               "target": gen.meta["target"], "load_s": time.perf_counter() - start,
+              "peak_rss_after_load_bytes": peak_rss_bytes(),
               "weight_bytes": sum(info["bytes"] for info in gen.meta["weight_files"].values())}
     prefills = [n for n in PREFILLS if n <= gen.context]
     contexts = [n for n in CONTEXTS if n <= gen.context]
@@ -101,6 +102,7 @@ def _timed(fn) -> float:
 
 def table(result: dict) -> str:
     rows = [("load", f"{result['load_s']:.1f} s"), ("weights", f"{result['weight_bytes'] / 1e9:.2f} GB"),
+            ("peak RSS after load", f"{result['peak_rss_after_load_bytes'] / 1e9:.2f} GB"),
             ("peak RSS", f"{result['peak_rss_bytes'] / 1e9:.2f} GB")]
     if "bound_ms" in result:
         rows.append(("bound (weights / read bandwidth)",

@@ -54,7 +54,7 @@ def run_bench(folder, bandwidth: float | None, progress: bool = True) -> dict:
         for context in contexts:
             cache = _cache_at(gen, context)
             ids = prompt(DECODE_STEPS + 2, gen.vocab_size)
-            times = [_timed(lambda i=i: gen.forward("decode", [ids[i]], cache, context + i))
+            times = [_timed(lambda i=i, cache=cache: gen.forward("decode", [ids[i]], cache, context + i))
                      for i in range(min(DECODE_STEPS + 2, gen.context - context + 1))]
             result[f"decode_{context}_ms"] = 1e3 * float(np.median(times[2:] or times))
             # where a decode step's time goes, kernel by kernel

@@ -17,7 +17,7 @@ import tvm
 from safetensors import safe_open
 
 from . import artifact
-from .engine import Generator
+from .engine import _ITEM_BYTES, Generator
 from .profiler import record_calls
 
 PREFILL_TOKENS = 4
@@ -53,7 +53,6 @@ def weight_bytes(folder: Path, meta: dict) -> tuple[int, int]:
     return total, block
 
 
-_ITEM_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1}
 
 
 def inspect_artifact(folder, run: bool = True) -> dict:

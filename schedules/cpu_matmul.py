@@ -32,6 +32,21 @@ def _is_reduction(sch: s_tir.Schedule, block) -> bool:
     return any(iv.iter_type == tirx.IterVar.CommReduce for iv in sch.get(block).iter_vars)
 
 
+def with_reductions(func, target: Target, count: int):
+    """(schedule, root, its child blocks, the reduction blocks) of an llvm PrimFunc with exactly count
+    reduction blocks, else None."""
+    if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
+        return None
+    sch = s_tir.Schedule(func)
+    try:
+        root = sch.get_sblock("root")
+    except Exception:  # noqa: BLE001
+        return None
+    blocks = sch.get_child_blocks(root)
+    reductions = [b for b in blocks if _is_reduction(sch, b)]
+    return (sch, root, blocks, reductions) if len(reductions) == count else None
+
+
 def fold_into_reductions(sch: s_tir.Schedule, root, blocks, reductions):
     """Inline every prologue (casts of inputs) into the reductions and every epilogue (bias, casts, residual
     adds) into a local write-back of the last reduction (the matmul). Returns the reductions' fresh block
@@ -82,18 +97,10 @@ class CPUMatmul(ScheduleRule):
         return target.kind.name == "llvm"
 
     def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool):  # noqa: C901
-        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+        found = with_reductions(func, target, 1)
+        if found is None:
             return None
-        sch = s_tir.Schedule(func)
-        try:
-            root = sch.get_sblock("root")
-        except Exception:  # noqa: BLE001
-            return None
-        blocks = sch.get_child_blocks(root)
-        reductions = [b for b in blocks if _is_reduction(sch, b)]
-        if len(reductions) != 1:
-            return None
-        matmul = reductions[0]
+        sch, root, blocks, (matmul,) = found
         iters = sch.get(matmul).iter_vars
         if len(iters) < 2 or iters[-1].iter_type != tirx.IterVar.CommReduce or \
                 any(iv.iter_type != tirx.IterVar.DataPar for iv in iters[:-1]):

@@ -16,13 +16,13 @@ and an injective epilogue chain (bias, casts, residual add). Leaves:
 
 from __future__ import annotations
 
-from tvm import s_tir, tirx
+from tvm import tirx
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
 from gptj_tvm.frontend.quantization import TILE
 
-from .cpu_matmul import _is_reduction, _static_extent, fold_into_reductions
+from .cpu_matmul import _static_extent, fold_into_reductions, with_reductions
 
 
 class CPUQuantMatmul(ScheduleRule):
@@ -30,17 +30,10 @@ class CPUQuantMatmul(ScheduleRule):
         return target.kind.name == "llvm"
 
     def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool):
-        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+        found = with_reductions(func, target, 2)
+        if found is None:
             return None
-        sch = s_tir.Schedule(func)
-        try:
-            root = sch.get_sblock("root")
-        except Exception:  # noqa: BLE001
-            return None
-        blocks = sch.get_child_blocks(root)
-        reductions = [b for b in blocks if _is_reduction(sch, b)]
-        if len(reductions) != 2:
-            return None
+        sch, root, blocks, reductions = found
         partial, matmul = (sch.get(b) for b in reductions)
         if not any(r.source.same_as(partial.writes[0].source) for r in matmul.reads):
             return None

@@ -6,7 +6,7 @@ import tvm
 from tvm import relax
 
 from gptj_tvm.frontend.config import PRESETS
-from gptj_tvm.frontend.model import GPTJ, Block, FusedBlock
+from gptj_tvm.frontend.model import GPTJ, FusedBlock
 from gptj_tvm.ir import pipeline
 from gptj_tvm.ir.merge_projections import merge_block_projections
 from gptj_tvm.targets.llvm import host_target

@@ -3,7 +3,6 @@ unquantized model (the error the quantization itself brings, with its bounds).""
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import numpy as np
@@ -12,7 +11,6 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 import gptj_tvm
-from gptj_tvm.frontend.random_checkpoint import write_random_checkpoint
 from gptj_tvm.targets.compile import compile_model
 from gptj_tvm.targets.host import has_vnni
 from reference import ReferenceGPTJ, rel_max_error

@@ -70,7 +70,7 @@ def cmd_convert_weights(args) -> int:
 
 
 def cmd_tune(args) -> int:
-    os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))  # measure as the runtime runs
+    _ensure_threads()  # measure as the runtime runs
     from .targets.compile import tune_model  # noqa: PLC0415
 
     summary = tune_model(args.model_dir, args.output, target=args.target, dtype=args.dtype, arch=args.arch,

@@ -81,12 +81,10 @@ def add_bound(result: dict, bandwidth: float) -> None:
 
 def _cache_at(gen: Generator, context: int):
     """A cache holding context - 1 positions, ready for the decode step that makes it context."""
-    capacity = min(context + DECODE_STEPS + 2, gen.context)
+    cache = gen.new_cache(min(context + DECODE_STEPS + 2, gen.context))
     if context <= max(PREFILLS):
-        cache = gen.new_cache(capacity)
         gen.forward("prefill", prompt(context - 1, gen.vocab_size), cache, context - 1)
         return cache
-    cache = gen.new_cache(capacity)
     dtype = ml_dtypes.bfloat16 if gen.meta["dtype"] == "bfloat16" else gen.meta["dtype"]
     zeros = np.zeros(tuple(int(s) for s in cache[0].shape), dtype=dtype)
     for tensor in cache:

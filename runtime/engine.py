@@ -245,22 +245,26 @@ def check_cuda_arch(folder: Path, meta: dict, device) -> None:
 _ITEM_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1}
 
 
-def load_params(folder: Path, meta: dict, device) -> "tvm.runtime.Object":
-    """The weights as one packed tuple, in the order the compiled functions take them."""
-    sizes = []  # (bytes, file, tensor)
+def weight_sizes(folder: Path, meta: dict) -> list[tuple[int, str, str]]:
+    """(bytes, file, tensor name) of every weight of the artifact, from the files' headers."""
+    sizes = []
     for name in meta["weight_files"]:
         try:
             with safe_open(str(folder / name), framework="np") as f:
                 for key in f.keys():
                     info = f.get_slice(key)
-                    nbytes = int(np.prod(info.get_shape())) * _ITEM_BYTES.get(info.get_dtype(), 4)
-                    sizes.append((nbytes, name, key))
+                    sizes.append((int(np.prod(info.get_shape())) * _ITEM_BYTES.get(info.get_dtype(), 4), name, key))
         except (SafetensorError, OSError, ValueError) as err:
             raise GptjError(f"{folder / name}: corrupt weight file ({err})") from None
+    return sizes
+
+
+def load_params(folder: Path, meta: dict, device) -> "tvm.runtime.Object":
+    """The weights as one packed tuple, in the order the compiled functions take them."""
     tensors = {}
     # One tensor at a time (its file pages leave the process with it), the largest first: loading one holds it
     # twice for a moment, which then happens while little else is loaded (GPT-J-6B: 0.4 GB embedding, lm_head).
-    for _, name, key in sorted(sizes, key=lambda entry: -entry[0]):
+    for _, name, key in sorted(weight_sizes(folder, meta), key=lambda entry: -entry[0]):
         try:
             with safe_open(str(folder / name), framework="np") as f:
                 tensors[key] = tvm.runtime.tensor(f.get_tensor(key), device)

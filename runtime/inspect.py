@@ -14,10 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import tvm
-from safetensors import safe_open
 
 from . import artifact
-from .engine import _ITEM_BYTES, Generator
+from .engine import Generator, weight_sizes
 from .profiler import record_calls
 
 PREFILL_TOKENS = 4
@@ -42,15 +41,8 @@ def per_block(calls: list[str], n_layer: int) -> list[str]:
 
 def weight_bytes(folder: Path, meta: dict) -> tuple[int, int]:
     """(all weight bytes, bytes of block 0's weights)."""
-    total = block = 0
-    for name in meta["weight_files"]:
-        with safe_open(str(folder / name), framework="np") as f:
-            for key in f.keys():
-                info = f.get_slice(key)
-                size = int(np.prod(info.get_shape())) * _ITEM_BYTES[info.get_dtype()]
-                total += size
-                block += size if key.startswith("h.0.") else 0
-    return total, block
+    sizes = weight_sizes(folder, meta)
+    return sum(size for size, _, _ in sizes), sum(size for size, _, key in sizes if key.startswith("h.0."))
 
 
 

@@ -14,15 +14,8 @@ from gptj_tvm.targets.llvm import host_target
 CONFIG = PRESETS["tiny"]
 
 
-def kernel_calls(mod: tvm.IRModule, function: str = "decode") -> list[str]:
-    """Names of the PrimFuncs `function` calls (call_tir and call_tir_inplace), in order."""
-    calls = []
-    for block in mod[function].body.blocks:
-        for binding in block.bindings:
-            value = binding.value
-            if isinstance(value, relax.Call) and value.op.name in ("relax.call_tir", "relax.call_tir_inplace"):
-                calls.append(value.args[0].name_hint)
-    return calls
+def kernel_calls(mod: tvm.IRModule) -> list[str]:
+    return pipeline.kernel_calls(mod, "decode")
 
 
 def export(model: GPTJ):

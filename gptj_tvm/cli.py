@@ -97,7 +97,7 @@ def cmd_generate(args) -> int:
     _ensure_threads()
     from . import load  # noqa: PLC0415
 
-    gen = load(args.artifact)
+    gen = load(args.artifact, adapter=args.device)
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, seed=args.seed, stop=args.stop or ())
     if args.json:
@@ -113,6 +113,22 @@ def cmd_generate(args) -> int:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    return 0
+
+
+def cmd_devices(args) -> int:
+    from .runtime.devices import list_devices  # noqa: PLC0415
+
+    found = list_devices()
+    if args.json:
+        print(json.dumps(found, indent=2))
+        return 0
+    for kind in ("vulkan", "cuda"):
+        entries = found[kind]
+        print(f"{kind}: {len(entries) or 'none'}")
+        for entry in entries:
+            details = ", ".join(f"{k} {entry[k]}" for k in ("type", "driver", "compute_capability") if entry.get(k))
+            print(f"  {entry['index']}: {entry['name']} ({details})")
     return 0
 
 
@@ -222,7 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model_dir", help="checkpoint folder (config.json, *.safetensors)")
     p.add_argument("-o", "--output", required=True, help="artifact folder to write")
     p.add_argument("--target", default="llvm",
-                   help="llvm (this host's CPU; default) or cuda (NVIDIA GPUs; device code built here with nvcc)")
+                   help="llvm (this host's CPU; default), cuda (NVIDIA GPUs; device code built here with nvcc) "
+                        "or vulkan (any Vulkan GPU, through WGSL and wgpu; float32 or float16)")
     p.add_argument("--arch", help="CUDA GPU generation, e.g. sm_80 (A100), sm_89 (L4), sm_90 (H100); "
                                   "default: the visible GPU's")
     p.add_argument("--dtype", help="float32, float16 or bfloat16 (default: the checkpoint's)")
@@ -276,7 +293,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="sampling seed (same seed, same text)")
     p.add_argument("--stop", nargs="+", metavar="STRING", help="stop before any of these strings")
     p.add_argument("--json", action="store_true", help="print one JSON object at the end instead of streaming")
+    p.add_argument("--device", help="Vulkan artifacts: the adapter to run on, by index or part of its name "
+                                    "(see `gptj-tvm devices`; default the first)")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("devices", help="list the Vulkan adapters and CUDA GPUs this machine has",
+                       description="List the GPUs artifacts can run on: Vulkan adapters (name, type, driver; "
+                                   "Mesa's lavapipe is a CPU one) and CUDA GPUs (name, compute capability).")
+    p.add_argument("--json", action="store_true", help="one JSON object")
+    p.set_defaults(func=cmd_devices)
 
     p = sub.add_parser("inspect", help="what an artifact holds: functions, kernels per block, weights",
                        description="Show what was compiled: functions, kernels per block for prefill and decode "

@@ -22,7 +22,7 @@ from . import artifact
 from .sampling import next_token
 from .tokenizer import GPT2Tokenizer
 
-DEVICES = {"cpu": tvm.cpu, "cuda": tvm.cuda}
+DEVICES = {"cpu": tvm.cpu, "cuda": tvm.cuda, "vulkan": lambda index=0: tvm.runtime.device("webgpu", index)}
 
 
 @dataclass
@@ -48,14 +48,17 @@ class Generator:
         self._params = params
 
     @classmethod
-    def load(cls, folder, device: str | None = None) -> "Generator":
+    def load(cls, folder, device: str | None = None, adapter: str | None = None) -> "Generator":
+        """`adapter`: for Vulkan artifacts, the adapter's index or part of its name (default: the first)."""
         folder = Path(folder)
         meta = artifact.read_metadata(folder)
         artifact.check_compatible(meta, folder, tvm.__version__)
         kind = device or meta["device"]
         if kind != meta["device"] or kind not in DEVICES:
             raise GptjError(f"{folder}: built for device {meta['device']!r}, not {kind!r}")
-        dev = DEVICES[kind](0)
+        if adapter is not None and kind != "vulkan":
+            raise GptjError(f"--device picks a Vulkan adapter; {folder} runs on {kind}")
+        dev = DEVICES[kind](open_vulkan(meta, adapter) if kind == "vulkan" else 0)
         if not _device_exists(dev):
             raise GptjError(f"{folder}: needs a {kind} device, and none is visible")
         if kind == "cuda":
@@ -221,7 +224,16 @@ def finish_stats(stats: dict) -> None:
 
 def runnable_here(meta: dict) -> bool:
     """Whether this machine has the artifact's device (and the artifact its weights)."""
-    return meta["device"] in DEVICES and not meta.get("weights_pending") and _device_exists(DEVICES[meta["device"]](0))
+    if meta["device"] not in DEVICES or meta.get("weights_pending"):
+        return False
+    if meta["device"] == "vulkan":
+        from . import vulkan  # noqa: PLC0415
+
+        try:
+            return bool(vulkan.adapters())
+        except GptjError:  # no wgpu
+            return False
+    return _device_exists(DEVICES[meta["device"]](0))
 
 
 def _device_exists(device) -> bool:
@@ -229,6 +241,20 @@ def _device_exists(device) -> bool:
         return bool(device.exist)
     except Exception:  # noqa: BLE001  (TVM's CUDA runtime fails to load without a driver: no device)
         return False
+
+
+def open_vulkan(meta: dict, adapter: str | None) -> int:
+    """Make this process able to run a Vulkan artifact, on the adapter asked for; returns its index."""
+    from . import vulkan  # noqa: PLC0415  (wgpu is imported only for Vulkan artifacts)
+
+    index = vulkan.pick_adapter(adapter)
+    found = vulkan.describe(vulkan.adapters()[index])
+    missing = [f for f in meta.get("device_features", []) if f not in found["features"]]
+    if missing:
+        raise GptjError(f"Vulkan adapter {found['name']} lacks {', '.join(missing)}, which this "
+                        f"{meta['dtype']} artifact needs; compile it with --dtype float32")
+    vulkan.select(index)
+    return index
 
 
 def check_cuda_arch(folder: Path, meta: dict, device) -> None:

@@ -28,7 +28,7 @@ from gptj_tvm.runtime import artifact
 from gptj_tvm.schedules.database import TuningDatabase
 from gptj_tvm.schedules.default import schedule_kernels
 
-from . import cuda
+from . import cuda, vulkan
 from .convert import write_weights
 from .host import has_vnni
 from .resolve import device_name, is_gpu, resolve_target, tuning_fingerprint
@@ -71,6 +71,9 @@ def build_library(config: GPTJConfig, dtype: str, target: tvm.target.Target, out
     executable = pipeline.build(mod, target, schedule)
     if target.kind.name == "cuda":
         cuda.export_library(executable, out_path, str(target.attrs["arch"]))
+    elif target.kind.name == "webgpu":
+        vulkan.check_limits(executable)
+        executable.export_library(str(out_path))
     else:
         executable.export_library(str(out_path))
     return param_names, report, calls
@@ -108,7 +111,10 @@ def prepare(model_dir, target: str, dtype: str | None,
     dtype = dtype or config.torch_dtype
     if dtype not in DTYPES:
         raise GptjError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
-    return model_dir, config, dtype, resolve_target(target, arch)
+    tvm_target = resolve_target(target, arch)
+    if tvm_target.kind.name == "webgpu":
+        vulkan.check_dtype(dtype)
+    return model_dir, config, dtype, tvm_target
 
 
 def tune_model(model_dir, out, target: str = "llvm", dtype: str | None = None, fuse_block: bool = True,
@@ -164,6 +170,8 @@ def compile_model(model_dir, out_dir, target: str = "llvm", dtype: str | None = 
                            "quantized_gemm": ("vnni" if variant.vnni else "float32") if variant.quantization else None,
                            "kernels": kernels,
                            "kernel_calls": calls, "compile_timings": timings,
+                           "device_features": vulkan.required_features(dtype) if device_name(tvm_target) == "vulkan"
+                           else [],
                            "tuning_db": str(tuning_db) if tuned is not None else None})
         files = None
         if weights:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import tvm
 
+from gptj_tvm.blob import BlobReader
 from gptj_tvm.errors import GptjError
 
 ARCH = re.compile(r"^sm_(\d+)([af]?)$")
@@ -136,29 +137,8 @@ def _replace_cuda_blob(c_source: str, source: bytes, fatbin: bytes) -> str:
     return (c_source[:start] + f"{head}{len(patched)}] = {{\n  {rows}\n" + c_source[body_end:])
 
 
-class _Reader:
-    """TVM's serialization: little-endian u64s, and u64-length-prefixed byte strings."""
-
-    def __init__(self, data: bytes, offset: int = 0):
-        self.data, self.offset = data, offset
-
-    def u64(self) -> int:
-        (value,) = struct.unpack_from("<Q", self.data, self.offset)
-        self.offset += 8
-        return value
-
-    def bytes(self) -> bytes:
-        n = self.u64()
-        self.offset += n
-        return self.data[self.offset - n:self.offset]
-
-    def skip_words(self) -> None:  # a vector of 4-byte entries (argument dtypes, argument tags)
-        count = self.u64()  # read before the offset is: `offset += 4 * u64()` would lose the count's 8 bytes
-        self.offset += 4 * count
-
-
 def _patched_library_bin(data: bytes, source: bytes, fatbin: bytes) -> bytes:
-    read = _Reader(data)
+    read = BlobReader(data)
     if read.u64() != len(data) - 8:
         raise GptjError("unexpected layout of TVM's packed library (size header); cannot embed the fatbin")
     row_ptr = [read.u64() for _ in range(read.u64())]
@@ -194,14 +174,8 @@ def embedded_cuda_module(library: Path) -> tuple[dict[str, list[str]], bytes]:
     at = data.find(marker)
     if at < 0:
         raise GptjError(f"{library}: no CUDA fatbin in it")
-    read = _Reader(data, at + len(marker))
-    kernels = {}
-    for _ in range(read.u64()):
-        read.bytes()  # the table's key: the kernel's name again
-        name = read.bytes().decode()
-        read.skip_words()
-        kernels[name] = [read.bytes().decode() for _ in range(read.u64())]
-        read.skip_words()
+    read = BlobReader(data, at + len(marker))
+    kernels = {name: tags for name, (_, tags) in read.function_table().items()}
     fatbin = read.bytes()
     if not fatbin.startswith(FATBIN_MAGIC):
         raise GptjError(f"{library}: the CUDA module's code is not a fatbin")

@@ -10,7 +10,7 @@ from gptj_tvm.errors import GptjError
 
 from .host import cpu_fingerprint
 
-KNOWN = ("llvm", "cuda")
+KNOWN = ("llvm", "cuda", "vulkan")
 
 
 def resolve_target(name: str, arch: str | None = None) -> tvm.target.Target:
@@ -25,6 +25,10 @@ def resolve_target(name: str, arch: str | None = None) -> tvm.target.Target:
         from .cuda import cuda_target  # noqa: PLC0415
 
         return cuda_target(arch)
+    if kind == "vulkan":
+        from .vulkan import vulkan_target  # noqa: PLC0415
+
+        return vulkan_target()
     raise GptjError(f"unknown target {name!r}: this build knows {', '.join(KNOWN)}")
 
 
@@ -33,8 +37,8 @@ def is_gpu(target: tvm.target.Target) -> bool:
 
 
 def device_name(target: tvm.target.Target) -> str:
-    """The runtime's device for an artifact built for target ("cpu", "cuda")."""
-    return "cpu" if target.kind.name == "llvm" else target.kind.name
+    """The runtime's device for an artifact built for target ("cpu", "cuda", "vulkan")."""
+    return {"llvm": "cpu", "webgpu": "vulkan"}.get(target.kind.name, target.kind.name)
 
 
 def tuning_fingerprint(target: tvm.target.Target, dtype: str) -> dict:

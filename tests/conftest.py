@@ -46,8 +46,17 @@ def variants():
     from gptj_tvm.frontend import model
 
     # "cpu": what compile picks for this CPU; "gpu-on-cpu": the GPU graph ([out, in] weights, thread-block
-    # attention kernels) compiled for this CPU
-    return {"cpu": None, "gpu-on-cpu": model.GPU_ON_CPU}
+    # attention kernels) compiled for this CPU; "vulkan": `--target vulkan`, run on the first Vulkan adapter
+    # (Mesa's lavapipe in CI)
+    return {"cpu": None, "gpu-on-cpu": model.GPU_ON_CPU, "vulkan": None}
+
+
+def require_vulkan() -> None:
+    """Skip where no Vulkan driver exists (CI installs lavapipe, so CI runs these)."""
+    from gptj_tvm.runtime import vulkan
+
+    if not vulkan.adapters():
+        pytest.skip("no Vulkan adapter on this machine (apt-get install mesa-vulkan-drivers)")
 
 
 @pytest.fixture(scope="session")
@@ -62,7 +71,7 @@ def artifact(tmp_path_factory, checkpoint):
         if key not in cache:
             folder = tmp_path_factory.mktemp("artifact") / f"{name}-{shard_bytes}-{fuse_block}-{variant}"
             compile_model(checkpoint(name, shard_bytes), folder, fuse_block=fuse_block, progress=False,
-                          variant=variants()[variant])
+                          variant=variants()[variant], target="vulkan" if variant == "vulkan" else "llvm")
             cache[key] = folder
         return cache[key]
 
@@ -77,6 +86,8 @@ def generator(artifact):
 
     def make(name: str, shard_bytes: int = 2 << 30, fuse_block: bool = True, variant: str = "cpu"):
         key = (name, shard_bytes, fuse_block, variant)
+        if variant == "vulkan":
+            require_vulkan()
         if key not in cache:
             cache[key] = gptj_tvm.load(artifact(name, shard_bytes, fuse_block, variant))
         return cache[key]

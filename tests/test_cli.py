@@ -56,7 +56,8 @@ def test_init_random_compile_generate(tmp_path, capsys, checkpoint):
 
 
 def test_every_command_has_help():
-    for command in ([], ["init-random"], ["compile"], ["generate"], ["inspect"], ["tune"], ["demo"]):
+    for command in ([], ["init-random"], ["compile"], ["generate"], ["inspect"], ["tune"], ["demo"], ["devices"],
+                    ["bench"], ["convert-weights"]):
         result = subprocess.run([sys.executable, "-m", "gptj_tvm.cli", *command, "--help"],
                                 capture_output=True, text=True)
         assert result.returncode == 0 and "usage: gptj-tvm" in result.stdout

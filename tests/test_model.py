@@ -18,9 +18,11 @@ def prompt_for(generator) -> list[int]:
 
 # "gpu-on-cpu" is the CUDA artifact's graph ([out, in] weights, frontend/gpu_kernels.py) compiled for this CPU:
 # these tests check the GPU kernels' math where no GPU is (tests/test_cuda.py checks what is built for one).
+# "vulkan" is the `--target vulkan` artifact running on a Vulkan driver (lavapipe, on this CPU, in CI).
 @pytest.mark.parametrize("name,variant", [("tiny", "cpu"), ("wide", "cpu"), ("odd", "cpu"), ("float16", "cpu"),
                                           ("bfloat16", "cpu"), ("tiny", "gpu-on-cpu"), ("wide", "gpu-on-cpu"),
-                                          ("odd", "gpu-on-cpu"), ("float16", "gpu-on-cpu")])
+                                          ("odd", "gpu-on-cpu"), ("float16", "gpu-on-cpu"), ("tiny", "vulkan"),
+                                          ("wide", "vulkan"), ("odd", "vulkan"), ("float16", "vulkan")])
 def test_logits_at_every_position_match_reference(name, variant, generator, reference):
     gen = generator(name, variant=variant)
     ids = prompt_for(gen)
@@ -41,7 +43,7 @@ def test_sharded_checkpoint_gives_the_same_logits(generator, reference, checkpoi
     assert rel_max_error(actual, ReferenceGPTJ(sharded).logits(ids)) < 1e-4
 
 
-@pytest.mark.parametrize("variant", ["cpu", "gpu-on-cpu"])
+@pytest.mark.parametrize("variant", ["cpu", "gpu-on-cpu", "vulkan"])
 @pytest.mark.parametrize("name", ["tiny", "wide", "odd"])
 def test_decode_step_by_step_equals_recomputation(name, variant, generator, reference):
     gen = generator(name, variant=variant)
@@ -59,7 +61,7 @@ def test_decode_step_by_step_equals_recomputation(name, variant, generator, refe
     assert rel_max_error(logits, expected[6:]) < 1e-4
 
 
-@pytest.mark.parametrize("variant", ["cpu", "gpu-on-cpu"])
+@pytest.mark.parametrize("variant", ["cpu", "gpu-on-cpu", "vulkan"])
 @pytest.mark.parametrize("name", ["tiny", "wide"])
 def test_greedy_generation_equals_numpy_greedy(name, variant, generator, reference):
     gen = generator(name, variant=variant)

@@ -58,7 +58,7 @@ class Generator:
             raise GptjError(f"{folder}: built for device {meta['device']!r}, not {kind!r}")
         if adapter is not None and kind != "vulkan":
             raise GptjError(f"--device picks a Vulkan adapter; {folder} runs on {kind}")
-        dev = DEVICES[kind](open_vulkan(meta, adapter) if kind == "vulkan" else 0)
+        dev = DEVICES[kind](open_vulkan(folder, meta, adapter) if kind == "vulkan" else 0)
         if not _device_exists(dev):
             raise GptjError(f"{folder}: needs a {kind} device, and none is visible")
         if kind == "cuda":
@@ -81,7 +81,13 @@ class Generator:
         if not len(ids) <= total <= int(cache[0].shape[0]):
             raise GptjError(f"{total} tokens do not fit a KV cache of {int(cache[0].shape[0])} positions")
         tokens = tvm.runtime.tensor(np.asarray(ids, dtype=np.int32).reshape(1, -1), self.device)
-        logits = self._vm[function](tokens, cache, tvm.runtime.ShapeTuple([total]), self._params)
+        try:
+            logits = self._vm[function](tokens, cache, tvm.runtime.ShapeTuple([total]), self._params)
+        except RuntimeError as err:
+            if self.meta["device"] != "vulkan":
+                raise
+            # runtime/vulkan.py's errors come back through TVM's runtime as RuntimeError, already one line
+            raise GptjError(str(err).strip().splitlines()[-1] if str(err).strip() else "Vulkan failed") from None
         return logits.numpy().reshape(-1, logits.shape[-1])[:, : self.vocab_size], cache
 
     def new_cache(self, capacity: int | None = None):
@@ -243,7 +249,7 @@ def _device_exists(device) -> bool:
         return False
 
 
-def open_vulkan(meta: dict, adapter: str | None) -> int:
+def open_vulkan(folder: Path, meta: dict, adapter: str | None) -> int:
     """Make this process able to run a Vulkan artifact, on the adapter asked for; returns its index."""
     from . import vulkan  # noqa: PLC0415  (wgpu is imported only for Vulkan artifacts)
 
@@ -253,6 +259,10 @@ def open_vulkan(meta: dict, adapter: str | None) -> int:
     if missing:
         raise GptjError(f"Vulkan adapter {found['name']} lacks {', '.join(missing)}, which this "
                         f"{meta['dtype']} artifact needs; compile it with --dtype float32")
+    largest, _, name = max(weight_sizes(folder, meta), default=(0, "", ""))
+    if largest > vulkan.max_buffer_bytes(index):
+        raise GptjError(f"Vulkan adapter {found['name']} binds at most {vulkan.max_buffer_bytes(index) >> 20} MiB "
+                        f"per buffer, and weight {name} is {largest >> 20} MiB")
     vulkan.select(index)
     return index
 

@@ -38,9 +38,9 @@ HANDLE_STEP = 256  # handles look like aligned pointers to the host code
 DL_INT, DL_UINT, DL_FLOAT, DL_HANDLE = 0, 1, 2, 3
 ATTR_EXIST, ATTR_MAX_THREADS, ATTR_WARP_SIZE, ATTR_MAX_SHARED, ATTR_DEVICE_NAME = 0, 1, 2, 3, 5
 # the limits a model's kernels press on; the device asks for all the adapter has
-LIMITS = ("max_storage_buffers_per_shader_stage", "max_storage_buffer_binding_size", "max_buffer_size",
-          "max_compute_workgroup_storage_size", "max_compute_invocations_per_workgroup",
-          "max_compute_workgroup_size_x", "max_compute_workgroups_per_dimension")
+LIMITS = ("max-storage-buffers-per-shader-stage", "max-storage-buffer-binding-size", "max-buffer-size",
+          "max-compute-workgroup-storage-size", "max-compute-invocations-per-workgroup",
+          "max-compute-workgroup-size-x", "max-compute-workgroups-per-dimension")
 
 
 def _wgpu():
@@ -89,6 +89,12 @@ def describe(adapter) -> dict:
             "features": sorted(adapter.features)}
 
 
+def max_buffer_bytes(index: int) -> int:
+    """The largest buffer a kernel can bind on adapter `index` (lavapipe: 128 MiB; desktop GPUs: 2-4 GiB)."""
+    limits = adapters()[index].limits
+    return min(limits["max-storage-buffer-binding-size"], limits["max-buffer-size"])
+
+
 def pick_adapter(name: str | None = None) -> int:
     """The index of the first Vulkan adapter, or of the one whose index or name (a substring) is `name`."""
     found = adapters()
@@ -125,7 +131,7 @@ class _Gpu:
         self.wgpu = wgpu
         self.adapter = adapters()[index]
         features = [f for f in ("shader-f16",) if f in self.adapter.features]
-        limits = {k: self.adapter.limits[k] for k in LIMITS if k in self.adapter.limits}
+        limits = {k: self.adapter.limits[k] for k in LIMITS}
         self.device = self.adapter.request_device_sync(required_features=features, required_limits=limits)
         self.features = set(features)
         self.buffers: dict[int, object] = {}
@@ -186,6 +192,13 @@ class _Gpu:
     def launch(self, kernel: _Kernel, args) -> None:
         if kernel.pipeline is None:
             self._build(kernel)
+        try:
+            self._dispatch(kernel, args)
+        except Exception as err:  # noqa: BLE001  (wgpu's validation errors span many lines: keep them on one)
+            raise GptjError(f"Vulkan kernel {kernel.name} failed on {describe(self.adapter)['name']}: "
+                            f"{one_line(err)}") from None
+
+    def _dispatch(self, kernel: _Kernel, args) -> None:
         n_values = len(kernel.arg_types)
         work = [1] * 6
         for dim, extent in zip(kernel.dims, args[n_values:]):
@@ -229,9 +242,14 @@ class _Gpu:
             kernel.pipeline = self.device.create_compute_pipeline(
                 layout=layout, compute={"module": module, "entry_point": kernel.name})
         except Exception as err:  # noqa: BLE001  (wgpu reports WGSL and pipeline errors with long diagnostics)
-            first = str(err).strip().splitlines()
             raise GptjError(f"Vulkan kernel {kernel.name} does not compile on {describe(self.adapter)['name']}: "
-                            f"{first[0] if first else type(err).__name__}") from None
+                            f"{one_line(err)}") from None
+
+
+def one_line(err: Exception) -> str:
+    """A wgpu error (a headline, then "Caused by:" and the details) on one line."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip() and line.strip() != "Caused by:"]
+    return " / ".join(lines)[:400] or type(err).__name__
 
 
 def _check_aligned(*values: int) -> None:
@@ -302,8 +320,8 @@ class _Bridge:
         if kind == ATTR_DEVICE_NAME:
             return describe(adapters()[index])["name"]
         limits = adapters()[index].limits
-        return {ATTR_MAX_THREADS: limits.get("max_compute_invocations_per_workgroup"), ATTR_WARP_SIZE: 1,
-                ATTR_MAX_SHARED: limits.get("max_compute_workgroup_storage_size")}.get(kind)
+        return {ATTR_MAX_THREADS: limits.get("max-compute-invocations-per-workgroup"), ATTR_WARP_SIZE: 1,
+                ATTR_MAX_SHARED: limits.get("max-compute-workgroup-storage-size")}.get(kind)
 
     def load_module(self, blob) -> int:
         self.modules.append(parse_module(bytes(blob)))

@@ -100,7 +100,17 @@ def test_missing_adapter_feature_is_named(monkeypatch, artifact, generator):
     assert meta["device_features"] == ["shader-f16"]
     monkeypatch.setattr(vulkan, "describe", lambda adapter: {"name": "old-gpu", "features": []})
     with pytest.raises(GptjError, match="old-gpu lacks shader-f16"):
-        engine.open_vulkan(meta, None)
+        engine.open_vulkan(artifact("float16", variant="vulkan"), meta, None)
+
+
+def test_weight_past_the_adapters_buffer_limit_is_named(monkeypatch, artifact, generator):
+    generator("tiny", variant="vulkan")
+    from gptj_tvm.errors import GptjError
+    from gptj_tvm.runtime.engine import Generator
+
+    monkeypatch.setattr(vulkan, "max_buffer_bytes", lambda index: 1 << 20)
+    with pytest.raises(GptjError, match=r"binds at most 1 MiB per buffer, and weight \S+ is \d+ MiB"):
+        Generator.load(artifact("tiny", variant="vulkan"))
 
 
 def test_kernels_past_webgpu_limits_are_named_at_compile_time():

@@ -11,7 +11,7 @@ from gptj_tvm.frontend.x86_gemm import vnni_matmul
 from gptj_tvm.targets.host import has_vnni
 from gptj_tvm.targets.llvm import host_target
 
-QMAX = {"q8": 127, "q4": 7}
+LEVELS = {"q8": (-128, 127), "q4": (-8, 7)}  # every level the stored bytes / nibbles can hold
 GROUP = quantization.GROUP
 
 
@@ -25,7 +25,7 @@ def test_vnni_kernel_is_exact(scheme):
     """The VNNI GEMM against integer numpy: sum over groups of w_scale x_scale (x_q . q - nothing else)."""
     k, n, rows = 128, 192, 3
     rng = np.random.default_rng(0)
-    levels = rng.integers(-QMAX[scheme], QMAX[scheme] + 1, size=(k, n)).astype(np.int8)
+    levels = rng.integers(LEVELS[scheme][0], LEVELS[scheme][1] + 1, size=(k, n)).astype(np.int8)
     w_scale = rng.uniform(0.5, 2.0, size=(k // GROUP, n)).astype(np.float16)
     x_q = rng.integers(-127, 128, size=(1, rows, k)).astype(np.int8)
     x_scale = rng.uniform(0.1, 1.0, size=(1, rows, k // GROUP)).astype(np.float32)

@@ -6,6 +6,8 @@ import dataclasses
 import os
 
 import pytest
+import tvm  # noqa: F401  (the full TVM, compiler included, before any in-process `generate` could choose the
+#                          runtime library alone: gptj_tvm.cli does that for processes that only run artifacts)
 
 from gptj_tvm.frontend.config import PRESETS, GPTJConfig
 from gptj_tvm.frontend.random_checkpoint import write_random_checkpoint

@@ -22,6 +22,8 @@ from tvm.target import Target
 
 from gptj_tvm.frontend.config import WEIGHT_TILES
 
+from .prefetch import with_weight_prefetch
+
 # Wide column strips keep each row's read of W long and contiguous (512 bf16 columns = 1 KiB); measured on
 # 4096 x 16384 bf16 GEMVs with 2 threads: 64 columns 12 ms, 512 columns 4-7 ms (bound about 4 ms).
 COLS = WEIGHT_TILES
@@ -84,9 +86,10 @@ def _static_extent(sch: s_tir.Schedule, loop) -> int | None:
 
 
 class CPUMatmul(ScheduleRule):
-    def __init__(self, cols: tuple[int, ...] = COLS, tile_rows: int = TILE_ROWS):
+    def __init__(self, cols: tuple[int, ...] = COLS, tile_rows: int = TILE_ROWS, prefetch: bool = True):
         self.cols = cols
         self.tile_rows = tile_rows
+        self.prefetch = prefetch  # GEMVs ask for the weight row a few steps ahead (prefetch.py)
 
     def pick_cols(self, extent: int) -> int:
         """The widest strip that divides the columns (a ragged strip would not vectorize): the same rule as
@@ -138,4 +141,6 @@ class CPUMatmul(ScheduleRule):
         init = sch.decompose_reduction(matmul, k)  # last: parallel() wants the reduction block whole
         sch.vectorize(sch.get_loops(init)[-1])
         sch.vectorize(sch.get_loops(write_back)[-1])
+        if row_extent == 1 and self.prefetch:  # a decode GEMV: memory bound
+            return s_tir.Schedule(with_weight_prefetch(sch.mod["main"]))
         return sch

@@ -49,3 +49,33 @@ def test_matmul_rule_keeps_results(length, fuse_block):
         np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5, err_msg=name)
         scheduled += 1
     assert scheduled >= 5  # the block's GEMMs and the lm_head, in prefill and in decode
+
+
+def test_decode_gemvs_prefetch_their_weight_rows_and_prefill_gemms_do_not():
+    """prefetch.py writes one prefetch per cache line of the row PREFETCH_ROWS ahead into a GEMV's reduction
+    loop (the IR before: no prefetch; after: the call, on the weight, inside the k loop); the numbers stay
+    (test_matmul_rule_keeps_results and the model tests run with it)."""
+    from gptj_tvm.schedules.prefetch import PREFETCH_ROWS, with_weight_prefetch
+
+    target, funcs = kernels("bfloat16", True)
+    gemvs = gemms = 0
+    for name, func in funcs:
+        with target:
+            sch = CPUMatmul(prefetch=False).apply(func, target, False)
+        if sch is None:
+            continue
+        before = sch.mod["main"]
+        after = with_weight_prefetch(before)
+        assert "llvm.prefetch" not in before.script()
+        decode = all(isinstance(s, tvm.tirx.IntImm) for p in func.params for s in getattr(p.ty, "shape", ()))
+        if decode:
+            text = after.script()
+            loop = text.index("for k, ")
+            call = text.index("llvm.prefetch")
+            assert loop < call < text.index("for j_1 in T.vectorized", loop), name
+            assert f"k + T.int64({PREFETCH_ROWS})" in text and "weight" in text[call:text.index("\n", call)], name
+            gemvs += 1
+        else:
+            assert after.same_as(before) or "llvm.prefetch" not in after.script(), name
+            gemms += 1
+    assert gemvs >= 3 and gemms >= 3

@@ -7,6 +7,7 @@ Both kernels come already scheduled (parallel over the outer loop); the schedule
 
 from __future__ import annotations
 
+from tvm.runtime import DataType
 from tvm.script import tirx as T
 
 from .config import GELU_NEW_COEFF, GELU_NEW_SCALE, GPTJConfig
@@ -65,6 +66,14 @@ def _rotate(qkv, t, base, j, cos, sin, pos):
     return T.if_then_else(T.floormod(j, 2) == 0, x * c - partner * s, x * c + partner * s)
 
 
+AHEAD = 4  # cache positions
+
+
+def _prefetch(element):
+    """Ask for the cache line holding `element` (a buffer load) before it is read."""
+    T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(element), 0, 3, 1))
+
+
 def _gelu_new(x):
     return T.float32(0.5) * x * (T.float32(1.0) + T.tanh(
         T.float32(GELU_NEW_SCALE) * (x + T.float32(GELU_NEW_COEFF) * x * x * x)))
@@ -77,6 +86,8 @@ def attention(config: GPTJConfig, dtype: str, out_width: int):
     H, D, P = config.n_head, config.head_dim, config.n_positions
     scale = float(1.0 / (D ** 0.5))
     L = next(lanes for lanes in (16, 8, 4, 2, 1) if D % lanes == 0)  # float32 lanes the head dim splits into
+    per_line = 64 // (DataType(dtype).bits // 8)  # KV-cache elements per 64-byte line
+    lines = max(1, D // per_line)
 
     @T.prim_func(private=True, s_tir=True)
     def kernel(var_q: T.handle, var_k: T.handle, var_v: T.handle,
@@ -106,6 +117,10 @@ def attention(config: GPTJConfig, dtype: str, out_width: int):
                         acc[jo * L + j] = T.float32(0)
                 stats[0] = T.min_value("float32")
                 for pos in range(length):
+                    # one head's rows lie n_embd elements apart (8 KiB in bfloat16 for GPT-J-6B), each in
+                    # another page, where the hardware prefetchers stop: ask for the row AHEAD positions on
+                    for line in T.unroll(lines):
+                        _prefetch(k_cache[T.min(pos + AHEAD, length - 1), h, line * per_line])
                     for j in T.vectorized(L):
                         part[j] = T.float32(0)
                     for jo in range(D // L):
@@ -118,6 +133,8 @@ def attention(config: GPTJConfig, dtype: str, out_width: int):
                     stats[0] = T.max(stats[0], scores[pos])
                 stats[1] = T.float32(0)
                 for pos in range(length):
+                    for line in T.unroll(lines):
+                        _prefetch(v_cache[T.min(pos + AHEAD, length - 1), h, line * per_line])
                     scores[pos] = T.exp(scores[pos] - stats[0])
                     stats[1] = stats[1] + scores[pos]
                     for jo in range(D // L):

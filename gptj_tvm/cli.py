@@ -21,10 +21,12 @@ def _ensure_threads() -> None:
 
 def _runtime_library_only(artifact) -> None:
     """Running a CPU or Vulkan artifact needs TVM's runtime library only: without its compiler library (loaded
-    by default, and never used here) a process holds about 100 MB less. Set before TVM is first imported."""
+    by default, and never used here) a process holds about 100 MB less. Set before TVM is first imported.
+    Reads the artifact's metadata, so a bad artifact fails here, in one line."""
     from .runtime.artifact import read_metadata  # noqa: PLC0415  (imports no TVM)
 
-    if "tvm" not in sys.modules and read_metadata(Path(artifact))["device"] in ("cpu", "vulkan"):
+    device = read_metadata(Path(artifact))["device"]
+    if "tvm" not in sys.modules and device in ("cpu", "vulkan"):
         os.environ.setdefault("TVM_USE_RUNTIME_LIB", "1")
 
 
@@ -169,10 +171,7 @@ def cmd_inspect(args) -> int:
 
 def cmd_bench(args) -> int:
     _ensure_threads()
-    from .runtime.artifact import read_metadata  # noqa: PLC0415
-
-    read_metadata(Path(args.artifact))  # a bad artifact fails before the bandwidth is measured
-    _runtime_library_only(args.artifact)
+    _runtime_library_only(args.artifact)  # a bad artifact fails here, before the bandwidth is measured
     from .runtime.bench import add_bound, run_bench, table  # noqa: PLC0415
     # measured before and after the runs, the best of the two: other tenants of a machine come and go
     bandwidth = None if args.no_bandwidth else _read_bandwidth()

@@ -58,7 +58,8 @@ class Generator:
             raise GptjError(f"{folder}: built for device {meta['device']!r}, not {kind!r}")
         if adapter is not None and kind != "vulkan":
             raise GptjError(f"--device picks a Vulkan adapter; {folder} runs on {kind}")
-        dev = DEVICES[kind](open_vulkan(folder, meta, adapter) if kind == "vulkan" else 0)
+        sizes = weight_sizes(folder, meta)
+        dev = DEVICES[kind](open_vulkan(meta, adapter, sizes) if kind == "vulkan" else 0)
         if not _device_exists(dev):
             raise GptjError(f"{folder}: needs a {kind} device, and none is visible")
         if kind == "cuda":
@@ -70,7 +71,7 @@ class Generator:
         # CPU: the naive allocator hands intermediates back to the system; the pooled one keeps a buffer for
         # every size it saw (each prompt length), which a 24 GB machine running a 12 GB model cannot spare
         vm = VirtualMachine(lib, dev, memory_cfg="naive" if kind == "cpu" else "pooled")
-        params = load_params(folder, meta, dev)
+        params = load_params(folder, meta, dev, sizes)
         tokenizer = GPT2Tokenizer(folder / meta["tokenizer"]["vocab"], folder / meta["tokenizer"]["merges"])
         return cls(folder, meta, vm, dev, params, tokenizer)
 
@@ -249,8 +250,9 @@ def _device_exists(device) -> bool:
         return False
 
 
-def open_vulkan(folder: Path, meta: dict, adapter: str | None) -> int:
-    """Make this process able to run a Vulkan artifact, on the adapter asked for; returns its index."""
+def open_vulkan(meta: dict, adapter: str | None, sizes: list[tuple[int, str, str]]) -> int:
+    """Make this process able to run a Vulkan artifact (its weights: `sizes`, from weight_sizes), on the
+    adapter asked for; returns its index."""
     from . import vulkan  # noqa: PLC0415  (wgpu is imported only for Vulkan artifacts)
 
     index = vulkan.pick_adapter(adapter)
@@ -259,7 +261,7 @@ def open_vulkan(folder: Path, meta: dict, adapter: str | None) -> int:
     if missing:
         raise GptjError(f"Vulkan adapter {found['name']} lacks {', '.join(missing)}, which this "
                         f"{meta['dtype']} artifact needs; compile it with --dtype float32")
-    largest, _, name = max(weight_sizes(folder, meta), default=(0, "", ""))
+    largest, _, name = max(sizes, default=(0, "", ""))
     if largest > vulkan.max_buffer_bytes(index):
         raise GptjError(f"Vulkan adapter {found['name']} binds at most {vulkan.max_buffer_bytes(index) >> 20} MiB "
                         f"per buffer, and weight {name} is {largest >> 20} MiB")
@@ -295,12 +297,13 @@ def weight_sizes(folder: Path, meta: dict) -> list[tuple[int, str, str]]:
     return sizes
 
 
-def load_params(folder: Path, meta: dict, device) -> "tvm.runtime.Object":
-    """The weights as one packed tuple, in the order the compiled functions take them."""
+def load_params(folder: Path, meta: dict, device, sizes: list[tuple[int, str, str]]) -> "tvm.runtime.Object":
+    """The weights (`sizes`, from weight_sizes) as one packed tuple, in the order the compiled functions take
+    them."""
     tensors = {}
     # One tensor at a time (its file pages leave the process with it), the largest first: loading one holds it
     # twice for a moment, which then happens while little else is loaded (GPT-J-6B: 0.4 GB embedding, lm_head).
-    for _, name, key in sorted(weight_sizes(folder, meta), key=lambda entry: -entry[0]):
+    for _, name, key in sorted(sizes, key=lambda entry: -entry[0]):
         try:
             with safe_open(str(folder / name), framework="np") as f:
                 tensors[key] = tvm.runtime.tensor(f.get_tensor(key), device)

@@ -116,7 +116,7 @@ def pick_adapter(name: str | None = None) -> int:
 class _Kernel:
     name: str
     source: str
-    arg_types: list[tuple[int, int]]  # (DLPack type code, bits) per argument
+    arg_codes: list[int]  # DLPack type code per argument (int, uint, float, handle)
     dims: list[int]  # per launch parameter: 0-2 blockIdx.xyz, 3-5 threadIdx.xyz
     writes: list[int]  # per buffer argument: 1 if the kernel writes it
     pipeline: object = None
@@ -133,7 +133,6 @@ class _Gpu:
         features = [f for f in ("shader-f16",) if f in self.adapter.features]
         limits = {k: self.adapter.limits[k] for k in LIMITS}
         self.device = self.adapter.request_device_sync(required_features=features, required_limits=limits)
-        self.features = set(features)
         self.buffers: dict[int, object] = {}
         self.next_handle = HANDLE_STEP
         self.encoder = None
@@ -176,7 +175,8 @@ class _Gpu:
         self._encoder().copy_buffer_to_buffer(self.buffers[handle], offset, staging, 0, padded)
         self.flush()
         staging.map_sync(self.wgpu.MapMode.READ)
-        ctypes.memmove(host, _address(staging.read_mapped(copy=False)), nbytes)  # straight from the mapping
+        mapped = np.frombuffer(staging.read_mapped(copy=False), dtype=np.uint8)  # a read-only view
+        ctypes.memmove(host, mapped.ctypes.data, nbytes)  # straight from the mapping
         staging.unmap()
         staging.destroy()
 
@@ -199,7 +199,7 @@ class _Gpu:
                             f"{one_line(err)}") from None
 
     def _dispatch(self, kernel: _Kernel, args) -> None:
-        n_values = len(kernel.arg_types)
+        n_values = len(kernel.arg_codes)
         work = [1] * 6
         for dim, extent in zip(kernel.dims, args[n_values:]):
             work[dim] = int(extent)
@@ -207,7 +207,7 @@ class _Gpu:
         while work[0] > MAX_GRID_X:  # TVM's kernels rebuild blockIdx.x from (z, x) and skip the padding
             work[0], work[2] = (work[0] + 1) // 2, work[2] * 2
         buffers, pods = [], []
-        for (code, bits), value in zip(kernel.arg_types, args[:n_values]):
+        for code, value in zip(kernel.arg_codes, args[:n_values]):
             if code == DL_HANDLE:
                 buffers.append(self.buffers[_handle(value)])
             elif code == DL_FLOAT:
@@ -257,11 +257,6 @@ def _check_aligned(*values: int) -> None:
         raise GptjError("Vulkan copies must start at a multiple of 4 bytes")
 
 
-def _address(view) -> int:
-    return ctypes.addressof(ctypes.c_char.from_buffer(view)) if not view.readonly else \
-        np.frombuffer(view, dtype=np.uint8).ctypes.data
-
-
 def _handle(value) -> int:
     return value if isinstance(value, int) else (value.value or 0)
 
@@ -284,10 +279,10 @@ def parse_module(blob: bytes) -> dict[str, _Kernel]:
                 writes = [int(x) for x in re.findall(r"\d+", tag[len("paramWriteAccess:"):])]
             else:
                 raise GptjError(f"kernel {name}: unknown launch parameter {tag!r}")
-        types = [(t[0], t[1]) for t in arg_types]
-        if len(writes) != sum(code == DL_HANDLE for code, _ in types):
-            writes = [1] * sum(code == DL_HANDLE for code, _ in types)
-        kernels[name] = _Kernel(name, _fix_grid_guard(sources[name]), types, dims, writes)
+        codes = [t[0] for t in arg_types]
+        if len(writes) != codes.count(DL_HANDLE):
+            writes = [1] * codes.count(DL_HANDLE)
+        kernels[name] = _Kernel(name, _fix_grid_guard(sources[name]), codes, dims, writes)
     return kernels
 
 

@@ -34,7 +34,7 @@ from .host import has_vnni
 from .resolve import device_name, is_gpu, resolve_target, tuning_fingerprint
 
 
-def variant_for(target: tvm.target.Target, dtype: str):
+def variant_for(target: tvm.target.Target):
     """The model variant (weight layout, attention kernel form) a target runs."""
     from gptj_tvm.frontend import model  # noqa: PLC0415
 
@@ -56,7 +56,7 @@ def build_library(config: GPTJConfig, dtype: str, target: tvm.target.Target, out
     schedule each kernel got (tuned ones from `tuned`, a MetaSchedule database, where it has them) and the
     kernels decode and prefill call, in order (what runs, counted from the compiled graph). On a GPU
     every kernel must come out bound to threads; the device code is built with nvcc (targets/cuda.py)."""
-    mod, param_names = export_model(config, dtype, fuse_block, variant or variant_for(target, dtype))
+    mod, param_names = export_model(config, dtype, fuse_block, variant or variant_for(target))
     report: dict[str, str] = {}
     calls: dict[str, list[str]] = {}
 
@@ -127,7 +127,7 @@ def tune_model(model_dir, out, target: str = "llvm", dtype: str | None = None, f
     if tvm_target.kind.name != "llvm":
         raise GptjError(f"tune knows this host's CPU (--target llvm) only for now, not {target!r}: "
                         "compile for it with its default schedules")
-    mod = pipeline.optimize(export_model(config, dtype, fuse_block, variant_for(tvm_target, dtype))[0], tvm_target)
+    mod = pipeline.optimize(export_model(config, dtype, fuse_block, variant_for(tvm_target))[0], tvm_target)
     return tune(mod, tvm_target, tuning_fingerprint(tvm_target, dtype), Path(out), trials=trials,
                 max_seconds=max_seconds, progress=progress)
 
@@ -142,7 +142,7 @@ def compile_model(model_dir, out_dir, target: str = "llvm", dtype: str | None = 
     dot-product GEMMs; by default where this CPU has AVX-512 VNNI."""
     out_dir = Path(out_dir)
     model_dir, config, dtype, tvm_target = prepare(model_dir, target, dtype, arch)
-    variant = variant or variant_for(tvm_target, dtype)
+    variant = variant or variant_for(tvm_target)
     if quantization is not None:
         check_scheme(quantization)
         if variant.weight_layout == ROWS:

@@ -20,6 +20,8 @@ import tvm
 from gptj_tvm.blob import BlobReader
 from gptj_tvm.errors import GptjError
 
+from .resolve import device_modules
+
 ARCH = re.compile(r"^sm_(\d+)([af]?)$")
 SHARED_MEMORY_BYTES = 48 << 10  # the static shared memory any CUDA GPU gives a block
 LIBRARY_SYMBOL = "__tvm_ffi__library_bin"
@@ -98,8 +100,10 @@ def export_library(executable, path: Path, arch: str) -> dict:
 
     def pack_imports(module, is_system_lib, prefix, workspace):
         c_source = _ffi_api.ModulePackImportsToC(module, is_system_lib, prefix)
-        cuda = _find_cuda_module(module)
-        source = cuda.inspect_source("cuda")
+        found = device_modules(module, "cuda")
+        if not found:
+            raise GptjError("the compiled library has no CUDA module")
+        source = found[0].inspect_source("cuda")
         fatbin = nvcc_fatbin(source, arch)
         info.update(cuda_source=source, fatbin_bytes=len(fatbin))
         out = Path(workspace) / f"{prefix}devc.c"
@@ -110,16 +114,6 @@ def export_library(executable, path: Path, arch: str) -> dict:
     if "fatbin_bytes" not in info:
         raise GptjError("the compiled library has no CUDA kernels to build")
     return info
-
-
-def _find_cuda_module(module):
-    pending = list(module.imports)
-    while pending:
-        m = pending.pop()
-        if m.kind == "cuda":
-            return m
-        pending.extend(m.imports)
-    raise GptjError("the compiled library has no CUDA module")
 
 
 # The packed imports (tvm-ffi's library blob): u64 payload size; the import tree (row_ptr, child_indices as

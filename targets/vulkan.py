@@ -14,6 +14,8 @@ import tvm
 
 from gptj_tvm.errors import GptjError
 
+from .resolve import device_modules
+
 DTYPES = ("float32", "float16")
 MAX_THREADS = 256
 WORKGROUP_MEMORY_BYTES = 16 << 10
@@ -55,16 +57,10 @@ def kernel_resources(wgsl: str) -> dict[str, tuple[int, int]]:
 def check_limits(compiled) -> None:
     """Every kernel of a compiled module (an Executable or a runtime Module) within the limits any WebGPU
     adapter grants, or one line naming the first that is not."""
-    sources = [m.inspect_source() for m in _walk(getattr(compiled, "mod", compiled)) if m.kind == "webgpu"]
+    sources = [m.inspect_source() for m in device_modules(getattr(compiled, "mod", compiled), "webgpu")]
     for name, (buffers, memory) in kernel_resources("\n".join(sources)).items():
         if buffers > STORAGE_BUFFERS:
             raise GptjError(f"Vulkan kernel {name} binds {buffers} storage buffers; WebGPU grants {STORAGE_BUFFERS}")
         if memory > WORKGROUP_MEMORY_BYTES:
             raise GptjError(f"Vulkan kernel {name} needs {memory} bytes of workgroup memory; WebGPU grants "
                             f"{WORKGROUP_MEMORY_BYTES}")
-
-
-def _walk(module):
-    yield module
-    for child in module.imports:
-        yield from _walk(child)

@@ -3,6 +3,8 @@ unscheduled, on random inputs, with dynamic lengths that do not divide the tiles
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import tvm
@@ -52,10 +54,10 @@ def test_matmul_rule_keeps_results(length, fuse_block):
 
 
 def test_decode_gemvs_prefetch_their_weight_rows_and_prefill_gemms_do_not():
-    """prefetch.py writes one prefetch per cache line of the row PREFETCH_ROWS ahead into a GEMV's reduction
-    loop (the IR before: no prefetch; after: the call, on the weight, inside the k loop); the numbers stay
+    """prefetch.py writes one prefetch per cache line of the row PREFETCH_BYTES ahead (into L2) into a GEMV's
+    reduction loop (the IR before: no prefetch; after: the call, on the weight, inside the k loop); the numbers stay
     (test_matmul_rule_keeps_results and the model tests run with it)."""
-    from gptj_tvm.schedules.prefetch import PREFETCH_ROWS, with_weight_prefetch
+    from gptj_tvm.schedules.prefetch import LOCALITY, PREFETCH_BYTES, with_weight_prefetch
 
     target, funcs = kernels("bfloat16", True)
     gemvs = gemms = 0
@@ -73,7 +75,11 @@ def test_decode_gemvs_prefetch_their_weight_rows_and_prefill_gemms_do_not():
             loop = text.index("for k, ")
             call = text.index("llvm.prefetch")
             assert loop < call < text.index("for j_1 in T.vectorized", loop), name
-            assert f"k + T.int64({PREFETCH_ROWS})" in text and "weight" in text[call:text.index("\n", call)], name
+            line = text[call:text.index("\n", call)]
+            ahead = re.search(r"k \+ T\.int64\((\d+)\), line \* ", line)
+            tile = re.search(r"(\w*weight\w*): T\.Buffer\(\(T\.int64\(\d+\), T\.int64\(\d+\), T\.int64\((\d+)\)", text)
+            assert ahead and tile and tile.group(1) in line and line.endswith(f", 0, {LOCALITY}, 1)"), (name, line)
+            assert int(ahead.group(1)) == PREFETCH_BYTES // (int(tile.group(2)) * 2), name  # bfloat16 rows
             gemvs += 1
         else:
             assert after.same_as(before) or "llvm.prefetch" not in after.script(), name

@@ -15,6 +15,9 @@ import numpy as np
 
 from gptj_tvm.errors import GptjError
 
+# prompt lengths whose prefill `tune` tunes by default (static `prefill_B` functions; schedules/tune.py)
+PREFILL_BUCKETS = (32, 128)
+
 ROTARY_BASE = 10000.0
 GELU_NEW_COEFF = 0.044715
 GELU_NEW_SCALE = math.sqrt(2.0 / math.pi)

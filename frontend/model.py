@@ -10,6 +10,7 @@ Exported functions (each also takes the packed weights last):
     prefill(input_ids[1, n], caches, total_len)       logits of the last position, [1, 1, padded_vocab] float32
     prefill_all(input_ids[1, n], caches, total_len)   logits of every position, [1, n, padded_vocab] float32
     decode(input_ids[1, 1], caches, total_len)        one new token, [1, 1, padded_vocab] float32
+    prefill_B(input_ids[1, B], caches, total_len)     prefill of exactly B tokens (tuned prefill buckets only)
 `caches` are 2 * n_layer tensors [capacity, n_head, head_dim] (k, v of each layer; capacity up to n_positions,
 chosen by the runtime for each sequence) that the functions write in place; `total_len` is the number of
 tokens in them after the call (past + n). The logits of the padded
@@ -370,7 +371,9 @@ class GPTJ(nn.Module):
     def decode(self, input_ids: nn.Tensor, caches, total_len: tirx.Var):
         return self._logits(self._hidden(input_ids, caches, total_len))
 
-    def get_default_spec(self):
+    def get_default_spec(self, prefill_buckets: tuple[int, ...] = ()):
+        """The exported functions; each bucket B adds `prefill_B`, prefill of exactly B tokens: static shapes,
+        so its kernels can be tuned (schedules/tune.py) and the runtime prefills long prompts in such chunks."""
         c = self.config
         cache = nn.spec.Tensor(["cache_len", c.n_head, c.head_dim], self.dtype)  # up to n_positions
         caches = [cache] * (2 * c.n_layer)
@@ -379,5 +382,12 @@ class GPTJ(nn.Module):
         def method(n):
             return {"input_ids": nn.spec.Tensor([1, n], "int32"), "caches": caches, "total_len": int, "$": modes}
 
-        return nn.spec.ModuleSpec.from_raw(
-            {"prefill": method("seq_len"), "prefill_all": method("seq_len"), "decode": method(1)}, self)
+        functions = {"prefill": method("seq_len"), "prefill_all": method("seq_len"), "decode": method(1)}
+        for bucket in prefill_buckets:
+            setattr(self, bucket_function(bucket), self.prefill)  # the spec looks methods up by name
+            functions[bucket_function(bucket)] = method(bucket)
+        return nn.spec.ModuleSpec.from_raw(functions, self)
+
+
+def bucket_function(bucket: int) -> str:
+    return f"prefill_{bucket}"

@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 from .errors import GptjError
+from .frontend.config import PREFILL_BUCKETS
 
 DTYPE_CHOICES = ("float32", "float16", "bfloat16")
 
@@ -86,13 +87,22 @@ def cmd_tune(args) -> int:
 
     summary = tune_model(args.model_dir, args.output, target=args.target, dtype=args.dtype, arch=args.arch,
                          fuse_block=not args.no_fuse_block, trials=args.trials, max_seconds=args.max_seconds,
-                         progress=not args.quiet)
+                         progress=not args.quiet, prefill_buckets=args.prefill_buckets)
     if summary["tasks"] == 0:
         print("nothing to tune: this model's GEMMs run hand-written kernels on this CPU (frontend/x86_gemm.py)")
     print(f"{args.output}: {summary['tuned']} tasks tuned, {summary['resumed']} already there, "
           f"{summary['skipped_for_time']} left for lack of time, of {summary['tasks']} "
           f"({summary['seconds']:.0f} s)")
     return 0
+
+
+def _buckets(text: str) -> tuple[int, ...]:
+    if text.strip().lower() == "none":
+        return ()
+    try:
+        return tuple(int(b) for b in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected lengths like 32,128 or none, not {text!r}") from None
 
 
 def _prompt(args):
@@ -276,9 +286,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_convert_weights)
 
     p = sub.add_parser("tune", help="tune the model's kernels for this hardware with MetaSchedule",
-                       description="Tune the decode GEMM kernels with MetaSchedule (XGBoost cost model) into a "
-                                   "JSON database keyed by this hardware; run again with the same output to "
-                                   "resume. Use the database with `compile --tuning-db`.")
+                       description="Tune the GEMM kernels of decode and of prefill at a few prompt lengths "
+                                   "(buckets) with MetaSchedule (XGBoost cost model) into a JSON database keyed "
+                                   "by this hardware; run again with the same output to resume. Use the "
+                                   "database with `compile --tuning-db`: the artifact then prefills long "
+                                   "prompts in chunks of the bucket lengths, with the tuned kernels.")
     p.add_argument("model_dir", help="checkpoint folder (config.json; the weights are not read)")
     p.add_argument("-o", "--output", required=True, help="tuning database file (JSON) to write or resume")
     p.add_argument("--target", default="llvm", help="llvm (this host's CPU; default; the only one for now)")
@@ -288,6 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trials", type=int, default=64,
                    help="trials per task on average (default 64), spread by each task's time per token")
     p.add_argument("--max-seconds", type=float, help="bound the whole run; tasks left over are skipped")
+    p.add_argument("--prefill-buckets", type=_buckets, default=PREFILL_BUCKETS, metavar="B,B,...",
+                   help="prompt lengths whose prefill GEMMs are tuned (default "
+                        f"{','.join(map(str, PREFILL_BUCKETS))}; 'none': decode only)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=cmd_tune)
 

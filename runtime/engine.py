@@ -78,9 +78,30 @@ class Generator:
     # -- the model -------------------------------------------------------------------------------------
     def forward(self, function: str, ids: Sequence[int], cache, total: int) -> tuple[np.ndarray, object]:
         """Run "prefill", "prefill_all" or "decode" on ids appended to cache (which then holds total tokens);
-        returns float32 logits [positions, vocab_size] and the updated cache."""
+        returns float32 logits [positions, vocab_size] and the updated cache. An artifact compiled with tuned
+        prefill buckets prefills in chunks of those lengths (their kernels are the tuned ones)."""
         if not len(ids) <= total <= int(cache[0].shape[0]):
             raise GptjError(f"{total} tokens do not fit a KV cache of {int(cache[0].shape[0])} positions")
+        if function == "prefill" and self.meta.get("prefill_buckets"):
+            logits, start = None, total - len(ids)
+            for name, piece in self._prefill_pieces(len(ids)):
+                logits, cache = self._call(name, ids[:piece], cache, start + piece)
+                ids, start = ids[piece:], start + piece
+            return logits, cache
+        return self._call(function, ids, cache, total)
+
+    def _prefill_pieces(self, n: int) -> list[tuple[str, int]]:
+        """A prompt of n tokens as (function, length) pieces: the artifact's tuned prefill buckets, largest
+        first while one fits, then the dynamic prefill for what is left. The logits come from the last."""
+        buckets = sorted(((int(b), f) for b, f in self.meta["prefill_buckets"].items()), reverse=True)
+        pieces = []
+        for bucket, function in buckets:
+            while n >= bucket:
+                pieces.append((function, bucket))
+                n -= bucket
+        return pieces + ([("prefill", n)] if n else [])
+
+    def _call(self, function: str, ids: Sequence[int], cache, total: int) -> tuple[np.ndarray, object]:
         tokens = tvm.runtime.tensor(np.asarray(ids, dtype=np.int32).reshape(1, -1), self.device)
         try:
             logits = self._vm[function](tokens, cache, tvm.runtime.ShapeTuple([total]), self._params)

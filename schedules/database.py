@@ -1,7 +1,11 @@
 """The tuning database: one JSON file of MetaSchedule records, keyed by the hardware it was measured on.
 
-    {"format": 1, "fingerprint": {...cpu, isa..., "target": {...}, "dtype": ...},
-     "records": {task name: {"workload": ..., "record": ..., "latency_us": ..., "trials": ...}}}
+    {"format": 1, "fingerprint": {...cpu, isa..., "target": {...}, "dtype": ...}, "prefill_buckets": [32, 128],
+     "records": {task key: {"name": ..., "workload": ..., "record": ..., "latency_us": ..., "trials": ...}}}
+
+Prefill's sequence length is dynamic, and MetaSchedule tunes static shapes: `tune` tunes prefill at a few
+bucket lengths (the GEMMs of a static `prefill_B`), and an artifact compiled with the database gets a
+`prefill_B` for each bucket, in whose chunks the runtime prefills long prompts.
 
 Every write goes to a temporary file that is renamed over the old one, so the file is never half written and
 a crashed or interrupted `tune` loses at most the task in flight. Compiling with a database made on other
@@ -29,11 +33,12 @@ def workload_module(func):
 
 
 class TuningDatabase:
-    def __init__(self, path: Path, fingerprint: dict, records: dict | None = None):
+    def __init__(self, path: Path, fingerprint: dict, records: dict | None = None, prefill_buckets=()):
         """fingerprint: what the records depend on (targets.resolve.tuning_fingerprint)."""
         self.path = Path(path)
         self.fingerprint = fingerprint
         self.records = records or {}
+        self.prefill_buckets = sorted(set(prefill_buckets))
 
     @classmethod
     def open(cls, path, expected_fingerprint: dict, create: bool) -> "TuningDatabase":
@@ -46,15 +51,17 @@ class TuningDatabase:
         try:
             raw = json.loads(path.read_text())
             assert raw["format"] == FORMAT and isinstance(raw["records"], dict)
+            buckets = [int(b) for b in raw.get("prefill_buckets", [])]
         except (OSError, ValueError, KeyError, TypeError, AssertionError):
             raise GptjError(f"{path}: not a gptj-tvm tuning database") from None
-        return cls(path, raw["fingerprint"], raw["records"])
+        return cls(path, raw["fingerprint"], raw["records"], buckets)
 
     def matches(self, expected: dict) -> bool:
         return self.fingerprint == expected
 
     def save(self) -> None:
-        text = json.dumps({"format": FORMAT, "fingerprint": self.fingerprint, "records": self.records})
+        text = json.dumps({"format": FORMAT, "fingerprint": self.fingerprint,
+                           "prefill_buckets": self.prefill_buckets, "records": self.records})
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
         try:
@@ -65,8 +72,9 @@ class TuningDatabase:
             Path(tmp).unlink(missing_ok=True)
             raise
 
-    def add(self, task: str, record: ms.database.TuningRecord, trials: int, default_us: float) -> None:
+    def add(self, task: str, name: str, record: ms.database.TuningRecord, trials: int, default_us: float) -> None:
         self.records[task] = {
+            "name": name,
             "workload": record.workload.as_json(),
             "record": record.as_json(),
             "latency_us": 1e6 * sum(float(s) for s in record.run_secs) / max(len(record.run_secs), 1),

@@ -1,11 +1,12 @@
 """`gptj-tvm tune`: MetaSchedule, with its XGBoost cost model, searches schedules for the model's GEMMs.
 
-Tasks are the distinct GEMM kernels of the decode function (the same kernel in 28 blocks is one task, so the
-cost does not grow with depth). Trials are spread over tasks by how much time each takes per token, estimated
-as (bytes the kernel reads) x (calls per decode step), since decode GEMVs are bound by memory traffic. Each
-task is tuned in a scratch folder; its best record is then added to the database file, which is rewritten
-whole and renamed into place, so an interrupted run loses at most the task in flight and a second run with
-the same output resumes where the first stopped.
+Tasks are the distinct GEMM kernels of the decode function and of `prefill_B`, prefill at each bucket length
+B (static shapes: MetaSchedule tunes those; the same kernel in 28 blocks is one task, so the cost does not
+grow with depth). Trials are spread over tasks by how much time each takes per token: its default schedule's
+time, measured alone, times its calls per decode step (or per prefill of B tokens, over B), a prompt's token
+and a generated token counting the same. Each task is tuned in a scratch folder; its best record is then
+added to the database file, which is rewritten whole and renamed into place, so an interrupted run loses at
+most the task in flight and a second run with the same output resumes where the first stopped.
 """
 
 from __future__ import annotations
@@ -39,14 +40,14 @@ MIN_TRIALS = 2
 @dataclasses.dataclass
 class Task:
     key: str  # structural hash of the kernel: the same GEMM in every block is one task
-    name: str
+    name: str  # the kernel's name in the first function that calls it, e.g. "prefill_128/fused_matmul2_add"
     func: tvm.tirx.PrimFunc
-    calls_per_token: int
-    bytes_read: int
+    calls_per_token: float  # calls per decode step, plus calls per prefill_B over B
+    default_ms: float = 0.0  # the default schedule's time, alone (measured by measure_defaults)
 
     @property
     def weight(self) -> float:
-        return float(self.calls_per_token * self.bytes_read)
+        return self.calls_per_token * self.default_ms
 
     def module(self) -> tvm.IRModule:
         return workload_module(self.func)
@@ -56,31 +57,32 @@ def task_key(func: tvm.tirx.PrimFunc) -> str:
     return f"{tvm_ffi.structural_hash(func) & (2**64 - 1):016x}"
 
 
-def _bytes_read(func: tvm.tirx.PrimFunc) -> int:
-    total = 0
-    for param in func.params[:-1]:  # the last parameter is the output
-        shape = getattr(param.ty, "shape", None)
-        if shape is None or not all(isinstance(s, tvm.tirx.IntImm) for s in shape):
-            continue
-        total += math.prod(int(s) for s in shape) * tvm.runtime.DataType(str(param.ty.dtype)).bits // 8
-    return total
+def gemm_tasks(mod: tvm.IRModule, target: tvm.target.Target, buckets: tuple[int, ...] = ()) -> list[Task]:
+    """The GEMM kernels (those the default rules schedule as matmuls) that one decode step and each
+    `prefill_B` call, unmeasured, in call order."""
+    from gptj_tvm.frontend.model import bucket_function  # noqa: PLC0415
 
-
-def decode_tasks(mod: tvm.IRModule, target: tvm.target.Target) -> list[Task]:
-    """The GEMM kernels (those the default rules schedule as matmuls) that one decode step calls."""
     _, report = schedule_kernels(mod, target)
-    calls = Counter(kernel_calls(mod, "decode"))
-    tasks = {}
-    for name, count in calls.items():
-        if report.get(name) != "default CPUMatmul":
-            continue
-        func = mod[name]
-        key = task_key(func)
-        if key in tasks:
-            tasks[key].calls_per_token += count
-        else:
-            tasks[key] = Task(key, name, func, count, _bytes_read(func))
-    return sorted(tasks.values(), key=lambda t: -t.weight)
+    tasks: dict[str, Task] = {}
+    for function, tokens in [("decode", 1), *((bucket_function(b), b) for b in buckets)]:
+        for name, count in Counter(kernel_calls(mod, function)).items():
+            if report.get(name) != "default CPUMatmul":
+                continue
+            func = mod[name]
+            key = task_key(func)
+            if key not in tasks:
+                tasks[key] = Task(key, f"{function}/{name}", func, 0.0)
+            tasks[key].calls_per_token += count / tokens
+    return list(tasks.values())
+
+
+def measure_defaults(tasks: list[Task], target: tvm.target.Target, known: dict,
+                     progress: bool = True) -> list[Task]:
+    """The tasks with their default schedule's time (from `known` {key: ms} where there), heaviest first."""
+    for task in tqdm(tasks, desc="time default schedules", unit="task", disable=not progress, file=sys.stderr,
+                     leave=False):
+        task.default_ms = known[task.key] if task.key in known else default_ms(task, target)
+    return sorted(tasks, key=lambda t: -t.weight)
 
 
 def spread_trials(tasks: list[Task], trials_per_task: int) -> dict[str, int]:
@@ -138,21 +140,23 @@ def _mean_seconds(record) -> float:
     return sum(float(s) for s in record.run_secs) / len(record.run_secs)
 
 
-def default_ms(task: Task, target: tvm.target.Target) -> float:
+def default_ms(task: Task, target: tvm.target.Target, repeat: int = 5) -> float:
     """The task's time with its default schedule, measured like the tuned one (alone, random inputs)."""
     scheduled, _ = schedule_kernels(task.module(), target)
-    return time_ms(scheduled["main"], target, random_args(task.func, np.random.default_rng(0)))
+    return time_ms(scheduled["main"], target, random_args(task.func, np.random.default_rng(0)), repeat)
 
 
 def tune(mod: tvm.IRModule, target: tvm.target.Target, expected: dict, out: Path, trials: int = 64,
-         max_seconds: float | None = None, progress: bool = True) -> dict:
-    """Tune the decode GEMMs of an optimized module (ir.pipeline.optimize) into the database at out, whose
-    records are valid for the `expected` fingerprint."""
+         max_seconds: float | None = None, progress: bool = True, prefill_buckets: tuple[int, ...] = ()) -> dict:
+    """Tune the GEMMs of decode and of each `prefill_B` of an optimized module (ir.pipeline.optimize, exported
+    with those buckets) into the database at out, whose records are valid for the `expected` fingerprint."""
     db = TuningDatabase.open(out, expected, create=True)
     if not db.matches(expected):
         raise GptjError(f"{out}: tuned on other hardware or for another target/dtype; choose another output")
+    db.prefill_buckets = sorted(set(db.prefill_buckets) | set(prefill_buckets))
     db.save()  # the output exists from the start, even if no task finishes
-    tasks = decode_tasks(mod, target)
+    known = {key: entry["default_us"] / 1e3 for key, entry in db.records.items()}
+    tasks = measure_defaults(gemm_tasks(mod, target, prefill_buckets), target, known, progress)
     budget = spread_trials(tasks, trials)
     start = time.perf_counter()
     summary = {"tasks": len(tasks), "resumed": 0, "tuned": 0, "skipped_for_time": 0}
@@ -175,7 +179,7 @@ def tune(mod: tvm.IRModule, target: tvm.target.Target, expected: dict, out: Path
             record = tune_task(task, target, n, bar)
         seconds_per_trial = (time.perf_counter() - task_start) / n
         if record is not None:
-            db.add(task.key, record, n, default_us=1e3 * default_ms(task, target))
+            db.add(task.key, task.name, record, n, default_us=1e3 * task.default_ms)
             db.save()
             summary["tuned"] += 1
     summary["seconds"] = time.perf_counter() - start

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from gptj_tvm.errors import GptjError
 from gptj_tvm.files import staging_dir
-from gptj_tvm.frontend.config import DTYPES, ROWS, GPTJConfig
+from gptj_tvm.frontend.config import DTYPES, PREFILL_BUCKETS, ROWS, GPTJConfig
 from gptj_tvm.frontend.quantization import check_scheme
 from gptj_tvm.frontend.random_checkpoint import packaged_tokenizer_dir
 from gptj_tvm.frontend.weights import Checkpoint
@@ -41,29 +41,35 @@ def variant_for(target: tvm.target.Target):
     return model.GPU if is_gpu(target) else model.CPU
 
 
-def export_model(config: GPTJConfig, dtype: str, fuse_block: bool = True, variant=None):
-    """The Relax module of GPT-J for `config` in `dtype`, and its parameter names in call order."""
+def export_model(config: GPTJConfig, dtype: str, fuse_block: bool = True, variant=None,
+                 prefill_buckets: tuple[int, ...] = ()):
+    """The Relax module of GPT-J for `config` in `dtype` (with a static `prefill_B` for each bucket B), and
+    its parameter names in call order."""
     from gptj_tvm.frontend.model import CPU, GPTJ  # noqa: PLC0415
 
     model = pipeline.model_passes(fuse_block)(GPTJ(config, dtype, variant or CPU))
-    mod, params = model.export_tvm(spec=model.get_default_spec())
+    mod, params = model.export_tvm(spec=model.get_default_spec(prefill_buckets))
     return mod, [name for name, _ in params]
 
 
 def build_library(config: GPTJConfig, dtype: str, target: tvm.target.Target, out_path: Path,
-                  fuse_block: bool = True, tuned=None, variant=None) -> tuple[list[str], dict, dict]:
+                  fuse_block: bool = True, tuned=None, variant=None,
+                  prefill_buckets: tuple[int, ...] = ()) -> tuple[list[str], dict, dict]:
     """Compile GPT-J for target and export the library to out_path; returns the parameter order, what
     schedule each kernel got (tuned ones from `tuned`, a MetaSchedule database, where it has them) and the
     kernels decode and prefill call, in order (what runs, counted from the compiled graph). On a GPU
     every kernel must come out bound to threads; the device code is built with nvcc (targets/cuda.py)."""
-    mod, param_names = export_model(config, dtype, fuse_block, variant or variant_for(target))
+    from gptj_tvm.frontend.model import bucket_function  # noqa: PLC0415
+
+    mod, param_names = export_model(config, dtype, fuse_block, variant or variant_for(target), prefill_buckets)
     report: dict[str, str] = {}
     calls: dict[str, list[str]] = {}
 
     def schedule(module):
         scheduled, kinds = schedule_kernels(module, target, tuned)
         report.update(kinds)
-        calls.update({fn: pipeline.kernel_calls(scheduled, fn) for fn in ("decode", "prefill")})
+        functions = ("decode", "prefill", *(bucket_function(b) for b in prefill_buckets))
+        calls.update({fn: pipeline.kernel_calls(scheduled, fn) for fn in functions})
         if is_gpu(target):
             cuda.require_thread_bound(scheduled)
         return scheduled
@@ -89,7 +95,8 @@ def tokenizer_files(model_dir: Path) -> tuple[Path, Path]:
 
 
 def open_tuning_db(path, target: tvm.target.Target, dtype: str):
-    """The tuning database as a MetaSchedule database, or None (with a warning) if it was made elsewhere."""
+    """(the tuning database as a MetaSchedule database, its prefill buckets), or (None, ()) with a warning if
+    it was made elsewhere."""
     ours = tuning_fingerprint(target, dtype)
     db = TuningDatabase.open(path, ours, create=False)
     if not db.matches(ours):
@@ -97,8 +104,8 @@ def open_tuning_db(path, target: tvm.target.Target, dtype: str):
         differs = ", ".join(k for k in sorted(set(theirs) | set(ours)) if theirs.get(k) != ours.get(k))
         print(f"warning: ignoring tuning database {path}: it was tuned for another {differs} "
               f"({theirs.get('cpu', theirs.get('kind'))}); using default schedules", file=sys.stderr)
-        return None
-    return db.to_memory_database()
+        return None, ()
+    return db.to_memory_database(), tuple(db.prefill_buckets)
 
 
 def prepare(model_dir, target: str, dtype: str | None,
@@ -119,17 +126,28 @@ def prepare(model_dir, target: str, dtype: str | None,
 
 def tune_model(model_dir, out, target: str = "llvm", dtype: str | None = None, fuse_block: bool = True,
                trials: int = 64, max_seconds: float | None = None, progress: bool = True,
-               arch: str | None = None) -> dict:
-    """`gptj-tvm tune`: the decode GEMMs of this model, tuned for this target, into the database at out."""
+               arch: str | None = None, prefill_buckets: tuple[int, ...] = PREFILL_BUCKETS) -> dict:
+    """`gptj-tvm tune`: the GEMMs of this model's decode step and of its prefill at each bucket length,
+    tuned for this target, into the database at out."""
     from gptj_tvm.schedules.tune import tune  # noqa: PLC0415
 
     _, config, dtype, tvm_target = prepare(model_dir, target, dtype, arch)
     if tvm_target.kind.name != "llvm":
         raise GptjError(f"tune knows this host's CPU (--target llvm) only for now, not {target!r}: "
                         "compile for it with its default schedules")
-    mod = pipeline.optimize(export_model(config, dtype, fuse_block, variant_for(tvm_target))[0], tvm_target)
+    buckets = check_buckets(prefill_buckets, config)
+    mod = pipeline.optimize(export_model(config, dtype, fuse_block, variant_for(tvm_target), buckets)[0],
+                            tvm_target)
     return tune(mod, tvm_target, tuning_fingerprint(tvm_target, dtype), Path(out), trials=trials,
-                max_seconds=max_seconds, progress=progress)
+                max_seconds=max_seconds, progress=progress, prefill_buckets=buckets)
+
+
+def check_buckets(buckets, config: GPTJConfig) -> tuple[int, ...]:
+    buckets = tuple(sorted(set(int(b) for b in buckets)))
+    if any(not 2 <= b <= config.n_positions for b in buckets):
+        raise GptjError(f"prefill buckets must be between 2 and the context ({config.n_positions}) tokens, "
+                        f"not {', '.join(map(str, buckets))}")
+    return buckets
 
 
 def compile_model(model_dir, out_dir, target: str = "llvm", dtype: str | None = None,
@@ -140,6 +158,8 @@ def compile_model(model_dir, out_dir, target: str = "llvm", dtype: str | None = 
     later), tokenizer and metadata. `variant` (frontend.model.Variant) overrides the target's own, for tests:
     the GPU variant compiled for the CPU runs the GPU kernels' math here. `vnni` (quantized artifacts): integer
     dot-product GEMMs; by default where this CPU has AVX-512 VNNI."""
+    from gptj_tvm.frontend.model import bucket_function  # noqa: PLC0415
+
     out_dir = Path(out_dir)
     model_dir, config, dtype, tvm_target = prepare(model_dir, target, dtype, arch)
     variant = variant or variant_for(tvm_target)
@@ -151,20 +171,21 @@ def compile_model(model_dir, out_dir, target: str = "llvm", dtype: str | None = 
         variant = dataclasses.replace(variant, quantization=quantization, vnni=vnni)
     checkpoint = Checkpoint(model_dir, config) if weights else None  # checks names and shapes before long work
     vocab, merges = tokenizer_files(model_dir)
-    tuned = open_tuning_db(tuning_db, tvm_target, dtype) if tuning_db else None
+    tuned, buckets = open_tuning_db(tuning_db, tvm_target, dtype) if tuning_db else (None, ())
+    buckets = tuple(b for b in buckets if b <= config.n_positions)
     artifact.check_replaceable(out_dir)
     with staging_dir(out_dir) as staging:
         start = time.perf_counter()
         with tqdm(total=1, desc="compile library", disable=not progress, leave=False) as bar:
             params, kernels, calls = build_library(config, dtype, tvm_target, staging / artifact.LIBRARY,
-                                                   fuse_block, tuned, variant)
+                                                   fuse_block, tuned, variant, buckets)
             bar.update()
         timings = {"library_s": time.perf_counter() - start}
         shutil.copyfile(vocab, staging / artifact.VOCAB)
         shutil.copyfile(merges, staging / artifact.MERGES)
         meta = dict(config=config.to_dict(), dtype=dtype, target=json.loads(str(tvm_target)),
                     device=device_name(tvm_target), tvm_version=tvm.__version__, params=params,
-                    functions=["prefill", "prefill_all", "decode"],
+                    functions=["prefill", "prefill_all", "decode", *(bucket_function(b) for b in buckets)],
                     extra={"fuse_block": fuse_block, "weight_layout": variant.weight_layout,
                            "quantization": variant.quantization,
                            "quantized_gemm": ("vnni" if variant.vnni else "float32") if variant.quantization else None,
@@ -172,7 +193,9 @@ def compile_model(model_dir, out_dir, target: str = "llvm", dtype: str | None = 
                            "kernel_calls": calls, "compile_timings": timings,
                            "device_features": vulkan.required_features(dtype) if device_name(tvm_target) == "vulkan"
                            else [],
-                           "tuning_db": str(tuning_db) if tuned is not None else None})
+                           "tuning_db": str(tuning_db) if tuned is not None else None,
+                           # the runtime prefills a prompt in chunks of these lengths (largest first)
+                           "prefill_buckets": {str(b): bucket_function(b) for b in buckets}})
         files = None
         if weights:
             files, timings["weights_s"] = write_weights(checkpoint, {**meta, **meta["extra"]}, staging, progress)

@@ -12,13 +12,17 @@ import gptj_tvm
 from gptj_tvm.cli import main
 
 
+BUCKET = 8
+
+
 @pytest.fixture(scope="session")
 def tuned(tmp_path_factory, checkpoint):
-    """A database tuned in two runs: the first stops after one task (--max-seconds), the second resumes."""
+    """A database tuned in two runs: the first stops after one task (--max-seconds), the second resumes and
+    tunes the rest: decode's GEMMs and those of prefill at one bucket length."""
     db = tmp_path_factory.mktemp("tuning") / "tiny.json"
     model = checkpoint("tiny")
-    args = ["tune", str(model), "-o", str(db), "--trials", "1", "--max-seconds", "1", "--quiet"]
-    assert main(args) == 0
+    args = ["tune", str(model), "-o", str(db), "--trials", "1", "--prefill-buckets", str(BUCKET), "--quiet"]
+    assert main(args + ["--max-seconds", "1"]) == 0
     first = json.loads(db.read_text())
     assert main(args) == 0
     second = json.loads(db.read_text())
@@ -27,7 +31,7 @@ def tuned(tmp_path_factory, checkpoint):
 
 def test_tune_writes_a_database_keyed_by_this_hardware(tuned):
     first = tuned["first"]
-    assert first["format"] == 1 and len(first["records"]) == 1
+    assert first["format"] == 1 and len(first["records"]) == 1 and first["prefill_buckets"] == [BUCKET]
     assert first["fingerprint"]["target"]["kind"] == "llvm" and first["fingerprint"]["dtype"] == "float32"
     assert first["fingerprint"]["isa"]  # the CPU's ISA extensions are part of the key
     record = next(iter(first["records"].values()))
@@ -36,8 +40,17 @@ def test_tune_writes_a_database_keyed_by_this_hardware(tuned):
 
 def test_interrupted_tune_resumes(tuned):
     first, second = tuned["first"]["records"], tuned["second"]["records"]
-    assert len(second) == 2
+    assert len(second) > 2
     assert all(second[key] == value for key, value in first.items())  # the first run's task kept, not redone
+
+
+def test_tune_covers_decode_and_each_prefill_bucket(tuned):
+    names = [r["name"] for r in tuned["second"]["records"].values()]
+    decode = [n for n in names if n.startswith("decode/")]
+    bucket = [n for n in names if n.startswith(f"prefill_{BUCKET}/")]
+    # decode: the block's two GEMVs and lm_head; prefill_8: the block's two GEMMs at 8 rows (its lm_head
+    # runs on the last position only: decode's lm_head kernel, one task)
+    assert len(decode) == 3 and len(bucket) == 2 and len(names) == 5
 
 
 def test_compile_uses_only_records_that_beat_the_default(tuned, checkpoint, tmp_path, capsys):
@@ -56,15 +69,41 @@ def test_compile_with_the_database_gives_the_same_logits(tuned, artifact, checkp
     db.write_text(json.dumps(raw))
     out = tmp_path / "tuned-artifact"
     assert main(["compile", str(checkpoint("tiny")), "-o", str(out), "--tuning-db", str(db)]) == 0
-    winners = 2
-    assert "schedules: 2 kernels tuned" in capsys.readouterr().out
+    assert "kernels tuned" in capsys.readouterr().out
     ids = [464, 10730, 29598, 11, 290, 262, 2068]
     expected = gptj_tvm.load(artifact("tiny")).logits(ids)
     actual = gptj_tvm.load(out).logits(ids)
     assert np.max(np.abs(actual - expected)) / np.max(np.abs(expected)) < 1e-5
     assert main(["inspect", str(out), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert sum(k["schedule"] == "tuned" for k in report["kernels"].values() if k["decode_calls"]) == winners
+    assert sum(k["schedule"] == "tuned" for k in report["kernels"].values() if k["decode_calls"]) == 3
+    meta = json.loads((out / "metadata.json").read_text())
+    bucket_gemms = {k for k in meta["kernel_calls"][f"prefill_{BUCKET}"] if "matmul" in k}
+    assert len(bucket_gemms) == 3 and {meta["kernels"][k] for k in bucket_gemms} == {"tuned"}
+
+
+def test_prefill_in_bucket_chunks_matches_the_reference(tuned, reference, checkpoint, tmp_path):
+    raw = json.loads(tuned["db"].read_text())
+    for record in raw["records"].values():
+        record["default_us"] = record["latency_us"] * 2
+    db = tmp_path / "all-winners.json"
+    db.write_text(json.dumps(raw))
+    out = tmp_path / "bucketed"
+    assert main(["compile", str(checkpoint("tiny")), "-o", str(out), "--tuning-db", str(db), "--quiet"]) == 0
+    gen = gptj_tvm.load(out)
+    assert gen.meta["prefill_buckets"] == {str(BUCKET): f"prefill_{BUCKET}"}
+    ids = [int(i) for i in np.random.default_rng(3).integers(0, gen.vocab_size, 2 * BUCKET + 3)]
+    expected = reference("tiny").logits(ids)
+    for n in (BUCKET, 2 * BUCKET, 2 * BUCKET + 3, 3):  # one chunk; two; two and 3 left; none
+        pieces = gen._prefill_pieces(n)
+        assert sum(p for _, p in pieces) == n and [f for f, _ in pieces].count(f"prefill_{BUCKET}") == n // BUCKET
+        logits, _ = gen.forward("prefill", ids[:n], gen.new_cache(n), n)
+        assert np.max(np.abs(logits[-1] - expected[n - 1])) / np.max(np.abs(expected[n - 1])) < 1e-4
+    # a chunked prompt after a past: the cache holds what the pieces wrote
+    cache = gen.new_cache(2 * BUCKET + 3)
+    _, cache = gen.forward("prefill", ids[:3], cache, 3)
+    logits, _ = gen.forward("prefill", ids[3:], cache, 2 * BUCKET + 3)
+    assert np.max(np.abs(logits[-1] - expected[-1])) / np.max(np.abs(expected[-1])) < 1e-4
 
 
 def test_database_from_other_hardware_is_ignored_with_a_warning(tuned, checkpoint, tmp_path, capsys):

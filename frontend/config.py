@@ -15,7 +15,7 @@ import numpy as np
 
 from gptj_tvm.errors import GptjError
 
-# prompt lengths whose prefill `tune` tunes by default (static `prefill_B` functions; schedules/tune.py)
+# prompt lengths that get a static `prefill_B` by default (compile, on CPUs) and whose GEMMs `tune` tunes
 PREFILL_BUCKETS = (32, 128)
 
 ROTARY_BASE = 10000.0

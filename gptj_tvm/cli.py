@@ -53,7 +53,8 @@ def cmd_compile(args) -> int:
 
     meta = compile_model(args.model_dir, args.output, target=args.target, dtype=args.dtype, arch=args.arch,
                          fuse_block=not args.no_fuse_block, tuning_db=args.tuning_db, progress=not args.quiet,
-                         weights=not args.no_weights, quantization=args.quantization)
+                         weights=not args.no_weights, quantization=args.quantization,
+                         prefill_buckets=args.prefill_buckets)
     if args.tuning_db and not args.quiet:
         kinds = list(meta["kernels"].values())
         tuned = kinds.count("tuned")
@@ -173,9 +174,13 @@ def cmd_inspect(args) -> int:
     for phase in ("decode", "prefill"):
         print(f"{phase}: {report[f'{phase}_kernel_launches']} kernel launches per step, "
               f"{report[f'{phase}_kernels_per_block']} per block: {' -> '.join(report[f'{phase}_block_kernels'])}")
-    print("kernels (schedule, calls per decode step, per prefill):")
+    if report["prefill_buckets"]:
+        print(f"prefill in chunks of {', '.join(map(str, report['prefill_buckets']))} tokens (tuned buckets), "
+              "then the rest")
+    print("kernels (schedule, calls per decode step, per prefill, per prefill of every bucket):")
     for name, info in report["kernels"].items():
-        print(f"  {name:48s} {info['schedule']:24s} {info['decode_calls']:4d} {info['prefill_calls']:4d}")
+        print(f"  {name:48s} {info['schedule']:24s} {info['decode_calls']:4d} {info['prefill_calls']:4d} "
+              f"{info['prefill_bucket_calls']:4d}")
     return 0
 
 
@@ -273,6 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-weights", action="store_true",
                    help="build the library from config.json alone; add the weights later with convert-weights")
     p.add_argument("--tuning-db", help="a database from `gptj-tvm tune`: tuned schedules where it has them")
+    p.add_argument("--prefill-buckets", type=_buckets, metavar="B,B,...",
+                   help="prompt lengths with a static prefill function; long prompts are prefilled in chunks "
+                        f"of them (default {','.join(map(str, PREFILL_BUCKETS))} for float CPU artifacts, else none; "
+                        "'none': one dynamic prefill), plus the tuning database's")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=cmd_compile)
 

@@ -65,9 +65,13 @@ def inspect_artifact(folder, run: bool = True) -> dict:
     decode_block, prefill_block = per_block(decode, n_layer), per_block(prefill, n_layer)
     total_bytes, block_bytes = weight_bytes(folder, meta)
     schedules = meta.get("kernels", {})
+    # the tuned prefill buckets' functions (compile recorded their calls): their kernels are static-shaped copies
+    buckets = [call for function in meta.get("prefill_buckets", {}).values()
+               for call in meta["kernel_calls"].get(function, [])]
     kernels = {name: {"schedule": schedules.get(name, "VM shape function" if name.startswith("shape_func")
                                                 else "unknown"), "decode_calls": decode.count(name),
-                      "prefill_calls": prefill.count(name)} for name in dict.fromkeys(prefill + decode)}
+                      "prefill_calls": prefill.count(name), "prefill_bucket_calls": buckets.count(name)}
+               for name in dict.fromkeys(prefill + decode + buckets)}
     return {
         "artifact": str(folder),
         "kernels_counted_from": "a run" if run else "the compiled graph",
@@ -77,6 +81,7 @@ def inspect_artifact(folder, run: bool = True) -> dict:
         "fuse_block": meta.get("fuse_block", False),
         "n_layer": n_layer,
         "functions": meta["functions"],
+        "prefill_buckets": sorted(int(b) for b in meta.get("prefill_buckets", {})),
         "weight_bytes": total_bytes,
         "weight_bytes_per_block": block_bytes,
         "decode_kernel_launches": len(decode),

@@ -6,12 +6,12 @@ rule only handles the transposed ([out, in], inner-reduction) form and leaves th
 Expects a PrimFunc with exactly one reduction block (the matmul), optional injective prologue blocks (casts of
 inputs) and an injective epilogue chain (bias, casts, gelu_new, residual adds). Leaves:
     for jo in parallel(N / cols):          # column strips: each thread streams its own strip of W
-      for ro in rows / tile_rows:          # rows of x (1 in decode): the strip stays in cache across them
-        acc[tile_rows, cols] = 0           # float32 accumulators in registers
-        for k in K:
-          for ri in tile_rows (unrolled):
-            for ji in cols (vectorized):  acc[ri, ji] += x[ro*tile_rows + ri, k] * W[k, jo*cols + ji]
-        y[rows, cols] = epilogue(acc)     # bias, gelu_new, residual ... fused into the write-back
+      acc[cols] = 0                        # decode (one row of x): float32 accumulators in registers
+      for k in K:
+        for ji in cols (vectorized):  acc[ji] += x[k] * W[k, jo*cols + ji]     (+ a prefetch: prefetch.py)
+      y[cols] = epilogue(acc)              # bias, gelu_new, residual ... fused into the write-back
+and for prefill (several rows; see _gemm) the strip's accumulators for every row, filled in register blocks:
+      for ko in K / K_BLOCK:  for ro in rows / 4:  for jm in cols / 64:  for ki in K_BLOCK:  4 x 64 FMAs
 """
 
 from __future__ import annotations
@@ -28,6 +28,11 @@ from .prefetch import with_weight_prefetch
 # 4096 x 16384 bf16 GEMVs with 2 threads: 64 columns 12 ms, 512 columns 4-7 ms (bound about 4 ms).
 COLS = WEIGHT_TILES
 TILE_ROWS = 4
+# Prefill GEMMs: 4 rows x 64 columns of accumulators, k in blocks of 256 weight rows (a 512-column bfloat16
+# tile's 256 KiB block stays in L2). 128 x 4096 x 28672 bfloat16, 2 threads: 724 -> 191 ms against
+# 4 rows x 512 columns over all of k (whose 128 accumulator registers spilled on every step).
+SUB_COLS = 64
+K_BLOCK = 256
 
 
 def _is_reduction(sch: s_tir.Schedule, block) -> bool:
@@ -125,22 +130,37 @@ class CPUMatmul(ScheduleRule):
         cols = self.pick_cols(col_extent)
         jo, ji = sch.split(col, [None, cols])
         row_extent = _static_extent(sch, rows) if rows is not None else 1
-        tile_rows = 1 if row_extent == 1 else self.tile_rows
+        if rows is not None and row_extent != 1:
+            return self._gemm(sch, matmul, write_back, jo, ji, rows, k, cols, _static_extent(sch, k))
+        # a decode GEMV (one row): memory bound
         if rows is not None:
-            ro, ri = sch.split(rows, [None, tile_rows])
-            sch.reorder(jo, ro, k, ri, ji)
+            sch.reorder(jo, rows, k, ji)
         else:
-            ro, ri = None, None
             sch.reorder(jo, k, ji)
-        anchor = ro if ro is not None else jo
-        sch.reverse_compute_at(write_back, anchor, preserve_unit_loops=True)
+        sch.reverse_compute_at(write_back, rows if rows is not None else jo, preserve_unit_loops=True)
         sch.parallel(jo)
         sch.vectorize(ji)
-        if ri is not None and tile_rows > 1:
-            sch.unroll(ri)
         init = sch.decompose_reduction(matmul, k)  # last: parallel() wants the reduction block whole
         sch.vectorize(sch.get_loops(init)[-1])
         sch.vectorize(sch.get_loops(write_back)[-1])
-        if row_extent == 1 and self.prefetch:  # a decode GEMV: memory bound
-            return s_tir.Schedule(with_weight_prefetch(sch.mod["main"]))
+        return s_tir.Schedule(with_weight_prefetch(sch.mod["main"])) if self.prefetch else sch
+
+    def _gemm(self, sch, matmul, write_back, jo, ji, rows, k, cols: int, k_extent: int):
+        """Prefill's GEMMs (several rows; compute bound): register blocks of tile_rows x SUB_COLS float32
+        accumulators (4 x 4 AVX-512 registers) over K_BLOCK rows of the weights, which stay in L2 while every
+        row block of x passes over them; each strip's accumulators for all rows live in a local buffer.
+        Every output still sums over k in order, so the result is the same as the GEMV schedule's."""
+        sub = next((c for c in (SUB_COLS, 32, 16, 8) if cols % c == 0), cols)
+        k_block = next((b for b in (K_BLOCK, 128, 64, 32, 16, 8) if k_extent % b == 0), k_extent)
+        jm, js = sch.split(ji, [None, sub])
+        ko, ki = sch.split(k, [None, k_block])
+        ro, ri = sch.split(rows, [None, self.tile_rows])
+        sch.reorder(jo, ko, ro, jm, ki, ri, js)
+        sch.reverse_compute_at(write_back, jo, preserve_unit_loops=True)
+        sch.parallel(jo)
+        sch.vectorize(js)
+        sch.unroll(ri)
+        init = sch.decompose_reduction(matmul, ko)
+        sch.vectorize(sch.get_loops(init)[-1])
+        sch.vectorize(sch.get_loops(write_back)[-1])
         return sch

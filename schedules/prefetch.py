@@ -26,8 +26,7 @@ PREFETCH_BYTES = 16 << 10
 LOCALITY = 2  # llvm.prefetch: 3 = L1 (prefetcht0), 2 = L2 (prefetcht1)
 CACHE_LINE = 64
 _INT = r"(?:T\.int64\((\d+)\)|(\d+))"
-_K_LOOP = re.compile(rf"^( *)for k, \w+ in T\.grid\({_INT}, (?:T\.int64\(1\)|1)\):\n"
-                     rf"( *)for j_1 in T\.vectorized\({_INT}\):\n", re.M)
+_K_LOOP = re.compile(rf"^( *)for k in range\({_INT}\):\n( *)for j_1 in T\.vectorized\({_INT}\):\n", re.M)
 
 
 def _int(match, first: int) -> int:
@@ -39,7 +38,7 @@ def with_weight_prefetch(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:
     loop = _K_LOOP.search(text)
     if loop is None:
         return func
-    k_extent, cols = _int(loop, 2), _int(loop, 5)
+    cols = _int(loop, 5)
     read = re.search(rf"(\w+)\[v_j // {_INT}, v_k, v_j % ", text)
     strip = re.search(rf"v_j = T\.axis\.spatial\({_INT}, j_0 \* {_INT} \+ j_1\)", text)
     if read is None or strip is None or _int(read, 2) != cols or _int(strip, 3) != cols:
@@ -52,7 +51,7 @@ def with_weight_prefetch(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:
     per_line = CACHE_LINE // item_bytes
     ahead = max(1, PREFETCH_BYTES // (cols * item_bytes))  # rows
     indent = loop.group(4)
-    # k + ahead may pass the strip's last row (k_extent - 1): the address is then in the next tile
+    # k + ahead may pass the strip's last row: the address is then in the next tile
     prefetch = (f"{indent}for line in T.unroll({max(1, cols // per_line)}):\n"
                 f"{indent}    T.evaluate(T.call_llvm_intrin(\"void\", \"llvm.prefetch.p0\", T.address_of({weight}[j_0, "
                 f"k + {ahead}, line * {per_line}]), 0, {LOCALITY}, 1))\n")

@@ -153,11 +153,12 @@ def check_buckets(buckets, config: GPTJConfig) -> tuple[int, ...]:
 def compile_model(model_dir, out_dir, target: str = "llvm", dtype: str | None = None,
                   fuse_block: bool = True, tuning_db=None, progress: bool = True, arch: str | None = None,
                   weights: bool = True, quantization: str | None = None, vnni: bool | None = None,
-                  variant=None) -> dict:
+                  variant=None, prefill_buckets: tuple[int, ...] | None = None) -> dict:
     """`gptj-tvm compile`: library, converted weights (unless weights=False: `convert-weights` adds them
     later), tokenizer and metadata. `variant` (frontend.model.Variant) overrides the target's own, for tests:
     the GPU variant compiled for the CPU runs the GPU kernels' math here. `vnni` (quantized artifacts): integer
-    dot-product GEMMs; by default where this CPU has AVX-512 VNNI."""
+    dot-product GEMMs; by default where this CPU has AVX-512 VNNI. `prefill_buckets`: lengths B that get a
+    static `prefill_B` (default: PREFILL_BUCKETS on CPUs, none on GPUs), besides a tuning database's."""
     from gptj_tvm.frontend.model import bucket_function  # noqa: PLC0415
 
     out_dir = Path(out_dir)
@@ -171,8 +172,13 @@ def compile_model(model_dir, out_dir, target: str = "llvm", dtype: str | None = 
         variant = dataclasses.replace(variant, quantization=quantization, vnni=vnni)
     checkpoint = Checkpoint(model_dir, config) if weights else None  # checks names and shapes before long work
     vocab, merges = tokenizer_files(model_dir)
-    tuned, buckets = open_tuning_db(tuning_db, tvm_target, dtype) if tuning_db else (None, ())
-    buckets = tuple(b for b in buckets if b <= config.n_positions)
+    tuned, tuned_buckets = open_tuning_db(tuning_db, tvm_target, dtype) if tuning_db else (None, ())
+    if prefill_buckets is None:
+        # CPU float GEMMs (schedules/cpu_matmul.py) run prefill 1.7x faster on static lengths (no ragged row
+        # blocks); the quantized ones (x86_gemm.py, cpu_quant.py) and GPU kernels gain nothing from them
+        prefill_buckets = () if is_gpu(tvm_target) or variant.quantization else \
+            [b for b in PREFILL_BUCKETS if b <= config.n_positions]
+    buckets = check_buckets([*prefill_buckets, *(b for b in tuned_buckets if b <= config.n_positions)], config)
     artifact.check_replaceable(out_dir)
     with staging_dir(out_dir) as staging:
         start = time.perf_counter()

@@ -61,6 +61,20 @@ def test_decode_step_by_step_equals_recomputation(name, variant, generator, refe
     assert rel_max_error(logits, expected[6:]) < 1e-4
 
 
+@pytest.mark.parametrize("name,length,pieces", [("tiny", 75, [32, 32, 11]), ("wide", 64, [32, 32]),
+                                                ("odd", 40, [32, 8])])
+def test_long_prompts_prefill_in_chunks_of_the_static_buckets(name, length, pieces, generator, reference):
+    """CPU artifacts get a static prefill_B for each default bucket up to the context (32 and 128): a prompt
+    runs as the largest buckets that fit, then the dynamic prefill; the logits are those of one prefill."""
+    gen = generator(name)
+    assert set(gen.meta["prefill_buckets"]) == {str(b) for b in (32, 128) if b <= gen.context}
+    assert [p for _, p in gen._prefill_pieces(length)] == pieces
+    ids = [int(i) for i in np.random.default_rng(7).integers(0, gen.vocab_size, length)]
+    expected = reference(name).logits(ids)
+    logits, cache = gen.forward("prefill", ids, gen.new_cache(length), length)
+    assert rel_max_error(logits[0], expected[-1]) < 1e-4
+
+
 @pytest.mark.parametrize("variant", ["cpu", "gpu-on-cpu", "vulkan"])
 @pytest.mark.parametrize("name", ["tiny", "wide"])
 def test_greedy_generation_equals_numpy_greedy(name, variant, generator, reference):

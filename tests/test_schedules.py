@@ -72,7 +72,7 @@ def test_decode_gemvs_prefetch_their_weight_rows_and_prefill_gemms_do_not():
         decode = all(isinstance(s, tvm.tirx.IntImm) for p in func.params for s in getattr(p.ty, "shape", ()))
         if decode:
             text = after.script()
-            loop = text.index("for k, ")
+            loop = text.index("for k in range(")
             call = text.index("llvm.prefetch")
             assert loop < call < text.index("for j_1 in T.vectorized", loop), name
             line = text[call:text.index("\n", call)]

@@ -77,9 +77,11 @@ def test_compile_with_the_database_gives_the_same_logits(tuned, artifact, checkp
     assert main(["inspect", str(out), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert sum(k["schedule"] == "tuned" for k in report["kernels"].values() if k["decode_calls"]) == 3
+    assert report["prefill_buckets"] == [BUCKET, 32, 128]  # the database's, and compile's defaults
     meta = json.loads((out / "metadata.json").read_text())
     bucket_gemms = {k for k in meta["kernel_calls"][f"prefill_{BUCKET}"] if "matmul" in k}
-    assert len(bucket_gemms) == 3 and {meta["kernels"][k] for k in bucket_gemms} == {"tuned"}
+    assert all(report["kernels"][k]["prefill_bucket_calls"] for k in bucket_gemms)
+    assert len(bucket_gemms) == 3 and {report["kernels"][k]["schedule"] for k in bucket_gemms} == {"tuned"}
 
 
 def test_prefill_in_bucket_chunks_matches_the_reference(tuned, reference, checkpoint, tmp_path):
@@ -89,7 +91,8 @@ def test_prefill_in_bucket_chunks_matches_the_reference(tuned, reference, checkp
     db = tmp_path / "all-winners.json"
     db.write_text(json.dumps(raw))
     out = tmp_path / "bucketed"
-    assert main(["compile", str(checkpoint("tiny")), "-o", str(out), "--tuning-db", str(db), "--quiet"]) == 0
+    assert main(["compile", str(checkpoint("tiny")), "-o", str(out), "--tuning-db", str(db), "--quiet",
+                 "--prefill-buckets", "none"]) == 0
     gen = gptj_tvm.load(out)
     assert gen.meta["prefill_buckets"] == {str(BUCKET): f"prefill_{BUCKET}"}
     ids = [int(i) for i in np.random.default_rng(3).integers(0, gen.vocab_size, 2 * BUCKET + 3)]

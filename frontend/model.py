@@ -10,7 +10,7 @@ Exported functions (each also takes the packed weights last):
     prefill(input_ids[1, n], caches, total_len)       logits of the last position, [1, 1, padded_vocab] float32
     prefill_all(input_ids[1, n], caches, total_len)   logits of every position, [1, n, padded_vocab] float32
     decode(input_ids[1, 1], caches, total_len)        one new token, [1, 1, padded_vocab] float32
-    prefill_B(input_ids[1, B], caches, total_len)     prefill of exactly B tokens (tuned prefill buckets only)
+    prefill_B(input_ids[1, B], caches, total_len)     prefill of exactly B tokens (the prefill buckets)
 `caches` are 2 * n_layer tensors [capacity, n_head, head_dim] (k, v of each layer; capacity up to n_positions,
 chosen by the runtime for each sequence) that the functions write in place; `total_len` is the number of
 tokens in them after the call (past + n). The logits of the padded

@@ -175,7 +175,7 @@ def cmd_inspect(args) -> int:
         print(f"{phase}: {report[f'{phase}_kernel_launches']} kernel launches per step, "
               f"{report[f'{phase}_kernels_per_block']} per block: {' -> '.join(report[f'{phase}_block_kernels'])}")
     if report["prefill_buckets"]:
-        print(f"prefill in chunks of {', '.join(map(str, report['prefill_buckets']))} tokens (tuned buckets), "
+        print(f"prefill in chunks of {', '.join(map(str, report['prefill_buckets']))} tokens (static prefill functions), "
               "then the rest")
     print("kernels (schedule, calls per decode step, per prefill, per prefill of every bucket):")
     for name, info in report["kernels"].items():
@@ -309,9 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trials", type=int, default=64,
                    help="trials per task on average (default 64), spread by each task's time per token")
     p.add_argument("--max-seconds", type=float, help="bound the whole run; tasks left over are skipped")
-    p.add_argument("--prefill-buckets", type=_buckets, default=PREFILL_BUCKETS, metavar="B,B,...",
+    p.add_argument("--prefill-buckets", type=_buckets, metavar="B,B,...",
                    help="prompt lengths whose prefill GEMMs are tuned (default "
-                        f"{','.join(map(str, PREFILL_BUCKETS))}; 'none': decode only)")
+                        f"{','.join(map(str, PREFILL_BUCKETS))}, those within the context; 'none': decode only)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=cmd_tune)
 

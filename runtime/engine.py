@@ -78,8 +78,9 @@ class Generator:
     # -- the model -------------------------------------------------------------------------------------
     def forward(self, function: str, ids: Sequence[int], cache, total: int) -> tuple[np.ndarray, object]:
         """Run "prefill", "prefill_all" or "decode" on ids appended to cache (which then holds total tokens);
-        returns float32 logits [positions, vocab_size] and the updated cache. An artifact compiled with tuned
-        prefill buckets prefills in chunks of those lengths (their kernels are the tuned ones)."""
+        returns float32 logits [positions, vocab_size] and the updated cache. An artifact with prefill
+        buckets (static-length prefill functions: float CPU artifacts, and tuned ones) prefills in chunks of
+        those lengths."""
         if not len(ids) <= total <= int(cache[0].shape[0]):
             raise GptjError(f"{total} tokens do not fit a KV cache of {int(cache[0].shape[0])} positions")
         if function == "prefill" and self.meta.get("prefill_buckets"):
@@ -91,7 +92,7 @@ class Generator:
         return self._call(function, ids, cache, total)
 
     def _prefill_pieces(self, n: int) -> list[tuple[str, int]]:
-        """A prompt of n tokens as (function, length) pieces: the artifact's tuned prefill buckets, largest
+        """A prompt of n tokens as (function, length) pieces: the artifact's prefill buckets, largest
         first while one fits, then the dynamic prefill for what is left. The logits come from the last."""
         buckets = sorted(((int(b), f) for b, f in self.meta["prefill_buckets"].items()), reverse=True)
         pieces = []

@@ -126,15 +126,17 @@ def prepare(model_dir, target: str, dtype: str | None,
 
 def tune_model(model_dir, out, target: str = "llvm", dtype: str | None = None, fuse_block: bool = True,
                trials: int = 64, max_seconds: float | None = None, progress: bool = True,
-               arch: str | None = None, prefill_buckets: tuple[int, ...] = PREFILL_BUCKETS) -> dict:
-    """`gptj-tvm tune`: the GEMMs of this model's decode step and of its prefill at each bucket length,
-    tuned for this target, into the database at out."""
+               arch: str | None = None, prefill_buckets: tuple[int, ...] | None = None) -> dict:
+    """`gptj-tvm tune`: the GEMMs of this model's decode step and of its prefill at each bucket length
+    (default: PREFILL_BUCKETS up to the context), tuned for this target, into the database at out."""
     from gptj_tvm.schedules.tune import tune  # noqa: PLC0415
 
     _, config, dtype, tvm_target = prepare(model_dir, target, dtype, arch)
     if tvm_target.kind.name != "llvm":
         raise GptjError(f"tune knows this host's CPU (--target llvm) only for now, not {target!r}: "
                         "compile for it with its default schedules")
+    if prefill_buckets is None:
+        prefill_buckets = [b for b in PREFILL_BUCKETS if b <= config.n_positions]
     buckets = check_buckets(prefill_buckets, config)
     mod = pipeline.optimize(export_model(config, dtype, fuse_block, variant_for(tvm_target), buckets)[0],
                             tvm_target)

@@ -139,6 +139,13 @@ def test_unknown_dtype(checkpoint, tmp_path, capsys):
     compile_fails(checkpoint("tiny"), tmp_path, capsys, "unknown dtype", extra=["--dtype", "int3"])
 
 
+def test_prefill_bucket_past_the_context(checkpoint, tmp_path, capsys):
+    compile_fails(checkpoint("tiny"), tmp_path, capsys, "prefill buckets must be between 2 and the context (128)",
+                  extra=["--prefill-buckets", "32,256"])
+    code, _, err = run(["tune", checkpoint("tiny"), "-o", tmp_path / "db.json", "--prefill-buckets", "1"], capsys)
+    assert_one_line_error(code, err, "prefill buckets")
+
+
 def test_nonexistent_paths(tmp_path, capsys):
     compile_fails(tmp_path / "nothing", tmp_path, capsys, "nothing")
     code, _, err = run(["generate", tmp_path / "nothing", "--prompt", "x"], capsys)

@@ -60,13 +60,19 @@ def test_compile_uses_only_records_that_beat_the_default(tuned, checkpoint, tmp_
     assert f"schedules: {winners} kernels tuned" in capsys.readouterr().out
 
 
-def test_compile_with_the_database_gives_the_same_logits(tuned, artifact, checkpoint, tmp_path, capsys):
-    # two trials may find nothing faster than the default: declare every record a winner, to run them all
+def all_winners(tuned, tmp_path):
+    """The database with every record declared faster than its default (two trials may find nothing faster
+    than the default), so that compile runs them all."""
     raw = json.loads(tuned["db"].read_text())
     for record in raw["records"].values():
         record["default_us"] = record["latency_us"] * 2
     db = tmp_path / "all-winners.json"
     db.write_text(json.dumps(raw))
+    return db
+
+
+def test_compile_with_the_database_gives_the_same_logits(tuned, artifact, checkpoint, tmp_path, capsys):
+    db = all_winners(tuned, tmp_path)
     out = tmp_path / "tuned-artifact"
     assert main(["compile", str(checkpoint("tiny")), "-o", str(out), "--tuning-db", str(db)]) == 0
     assert "kernels tuned" in capsys.readouterr().out
@@ -85,11 +91,7 @@ def test_compile_with_the_database_gives_the_same_logits(tuned, artifact, checkp
 
 
 def test_prefill_in_bucket_chunks_matches_the_reference(tuned, reference, checkpoint, tmp_path):
-    raw = json.loads(tuned["db"].read_text())
-    for record in raw["records"].values():
-        record["default_us"] = record["latency_us"] * 2
-    db = tmp_path / "all-winners.json"
-    db.write_text(json.dumps(raw))
+    db = all_winners(tuned, tmp_path)
     out = tmp_path / "bucketed"
     assert main(["compile", str(checkpoint("tiny")), "-o", str(out), "--tuning-db", str(db), "--quiet",
                  "--prefill-buckets", "none"]) == 0

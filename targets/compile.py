@@ -135,8 +135,6 @@ def tune_model(model_dir, out, target: str = "llvm", dtype: str | None = None, f
     if tvm_target.kind.name != "llvm":
         raise GptjError(f"tune knows this host's CPU (--target llvm) only for now, not {target!r}: "
                         "compile for it with its default schedules")
-    if prefill_buckets is None:
-        prefill_buckets = [b for b in PREFILL_BUCKETS if b <= config.n_positions]
     buckets = check_buckets(prefill_buckets, config)
     mod = pipeline.optimize(export_model(config, dtype, fuse_block, variant_for(tvm_target), buckets)[0],
                             tvm_target)
@@ -145,6 +143,9 @@ def tune_model(model_dir, out, target: str = "llvm", dtype: str | None = None, f
 
 
 def check_buckets(buckets, config: GPTJConfig) -> tuple[int, ...]:
+    """The prefill buckets, sorted, each between 2 and the context; None: PREFILL_BUCKETS within the context."""
+    if buckets is None:
+        return tuple(b for b in PREFILL_BUCKETS if b <= config.n_positions)
     buckets = tuple(sorted(set(int(b) for b in buckets)))
     if any(not 2 <= b <= config.n_positions for b in buckets):
         raise GptjError(f"prefill buckets must be between 2 and the context ({config.n_positions}) tokens, "
@@ -160,7 +161,8 @@ def compile_model(model_dir, out_dir, target: str = "llvm", dtype: str | None = 
     later), tokenizer and metadata. `variant` (frontend.model.Variant) overrides the target's own, for tests:
     the GPU variant compiled for the CPU runs the GPU kernels' math here. `vnni` (quantized artifacts): integer
     dot-product GEMMs; by default where this CPU has AVX-512 VNNI. `prefill_buckets`: lengths B that get a
-    static `prefill_B` (default: PREFILL_BUCKETS on CPUs, none on GPUs), besides a tuning database's."""
+    static `prefill_B` (default: PREFILL_BUCKETS for float CPU artifacts, else none), besides a tuning
+    database's."""
     from gptj_tvm.frontend.model import bucket_function  # noqa: PLC0415
 
     out_dir = Path(out_dir)
@@ -175,12 +177,12 @@ def compile_model(model_dir, out_dir, target: str = "llvm", dtype: str | None = 
     checkpoint = Checkpoint(model_dir, config) if weights else None  # checks names and shapes before long work
     vocab, merges = tokenizer_files(model_dir)
     tuned, tuned_buckets = open_tuning_db(tuning_db, tvm_target, dtype) if tuning_db else (None, ())
-    if prefill_buckets is None:
+    if prefill_buckets is None and (is_gpu(tvm_target) or variant.quantization):
         # CPU float GEMMs (schedules/cpu_matmul.py) run prefill 1.7x faster on static lengths (no ragged row
         # blocks); the quantized ones (x86_gemm.py, cpu_quant.py) and GPU kernels gain nothing from them
-        prefill_buckets = () if is_gpu(tvm_target) or variant.quantization else \
-            [b for b in PREFILL_BUCKETS if b <= config.n_positions]
-    buckets = check_buckets([*prefill_buckets, *(b for b in tuned_buckets if b <= config.n_positions)], config)
+        prefill_buckets = ()
+    own = check_buckets(prefill_buckets, config)  # None: the defaults
+    buckets = check_buckets([*own, *(b for b in tuned_buckets if b <= config.n_positions)], config)
     artifact.check_replaceable(out_dir)
     with staging_dir(out_dir) as staging:
         start = time.perf_counter()

@@ -69,9 +69,10 @@ def _rotate(qkv, t, base, j, cos, sin, pos):
 AHEAD = 4  # cache positions
 
 
-def _prefetch(element):
-    """Ask for the cache line holding `element` (a buffer load) before it is read."""
-    T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(element), 0, 3, 1))
+def prefetch(element, locality: int = 3):
+    """Ask for the cache line holding `element` (a buffer load) before it is read; locality 3: into L1
+    (`prefetcht0`), 2: into L2 (`prefetcht1`)."""
+    T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(element), 0, locality, 1))
 
 
 def _gelu_new(x):
@@ -120,7 +121,7 @@ def attention(config: GPTJConfig, dtype: str, out_width: int):
                     # one head's rows lie n_embd elements apart (8 KiB in bfloat16 for GPT-J-6B), each in
                     # another page, where the hardware prefetchers stop: ask for the row AHEAD positions on
                     for line in T.unroll(lines):
-                        _prefetch(k_cache[T.min(pos + AHEAD, length - 1), h, line * per_line])
+                        prefetch(k_cache[T.min(pos + AHEAD, length - 1), h, line * per_line])
                     for j in T.vectorized(L):
                         part[j] = T.float32(0)
                     for jo in range(D // L):
@@ -134,7 +135,7 @@ def attention(config: GPTJConfig, dtype: str, out_width: int):
                 stats[1] = T.float32(0)
                 for pos in range(length):
                     for line in T.unroll(lines):
-                        _prefetch(v_cache[T.min(pos + AHEAD, length - 1), h, line * per_line])
+                        prefetch(v_cache[T.min(pos + AHEAD, length - 1), h, line * per_line])
                     scores[pos] = T.exp(scores[pos] - stats[0])
                     stats[1] = stats[1] + scores[pos]
                     for jo in range(D // L):

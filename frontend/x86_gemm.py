@@ -15,7 +15,7 @@ high: 8i+4..8i+7) with an AND and a shift.
 Each 64-byte load asks for the line PREFETCH_BYTES further on (into L2, running on into the next tile, which is
 the next one a thread streams), as the bfloat16 GEMVs do (schedules/prefetch.py): the hardware prefetchers
 alone left these GEMVs at 20-22 GB/s of 25-27 (GPT-J-6B's W_in and W_out, 2 threads); with it they read
-23-27 GB/s, 10-20% faster (q8 and q4).
+23-27 GB/s, 10-20% faster (q8 and q4). In prefill only a tile's first row asks (see below).
 """
 
 from __future__ import annotations
@@ -67,8 +67,12 @@ def vnni_matmul(in_features: int, out_features: int, scheme: str):
                         for step in T.unroll(quads // 2 if q4 else quads):
                             for lane in T.unroll(TILE // LANES):
                                 # past the tile's last row the address is in the next tile (or past the
-                                # weights, which is harmless: prefetches never fault)
-                                prefetch(weight[tile, g * (quads // 2 if q4 else quads) + step + ahead, lane * LANES, 0], 2)
+                                # weights, which is harmless: prefetches never fault); only the first row
+                                # (prompt position) streams the tile in, the others find it in L2, where
+                                # prefetching again slowed q8's prefill GEMMs by a third
+                                if t == 0:
+                                    prefetch(weight[tile, g * (quads // 2 if q4 else quads) + step + ahead,
+                                                    lane * LANES, 0], 2)
                                 # no Python names for vector values: TVMScript would give each a buffer
                                 if q4:
                                     dot[T.ramp(lane * LANES, 1, LANES)] = _vpdpbusd(

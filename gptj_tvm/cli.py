@@ -192,7 +192,8 @@ def cmd_bench(args) -> int:
     bandwidth = None if args.no_bandwidth else _read_bandwidth()
     result = run_bench(args.artifact, None, progress=not args.json)
     if bandwidth is not None:
-        add_bound(result, max(bandwidth, _read_bandwidth() or 0))
+        samples = [b for b in (bandwidth, _read_bandwidth()) if b]
+        add_bound(result, max(samples), samples)
     if args.json:
         print(json.dumps(result, indent=2))
     else:

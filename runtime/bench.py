@@ -71,9 +71,12 @@ def run_bench(folder, bandwidth: float | None, progress: bool = True) -> dict:
     return result
 
 
-def add_bound(result: dict, bandwidth: float) -> None:
-    """The decode bound (weight bytes / read bandwidth) and each decode time as a multiple of it."""
+def add_bound(result: dict, bandwidth: float, samples: list[float] | None = None) -> None:
+    """The decode bound (weight bytes / read bandwidth) and each decode time as a multiple of it; `samples`:
+    every bandwidth read (bytes/s) `bandwidth` was chosen from, kept to show how much the machine moved."""
     result["read_bandwidth_gb_s"] = bandwidth / 1e9
+    if samples:
+        result["read_bandwidth_samples_gb_s"] = [sample / 1e9 for sample in samples]
     result["bound_ms"] = 1e3 * result["weight_bytes"] / bandwidth
     for key in [k for k in result if k.startswith("decode_") and k.endswith("_ms")]:
         result[key.replace("_ms", "_x_bound")] = result[key] / result["bound_ms"]
@@ -104,7 +107,10 @@ def table(result: dict) -> str:
             ("peak RSS", f"{result['peak_rss_bytes'] / 1e9:.2f} GB")]
     if "bound_ms" in result:
         rows.append(("bound (weights / read bandwidth)",
-                     f"{result['bound_ms']:.1f} ms/token at {result['read_bandwidth_gb_s']:.1f} GB/s"))
+                     f"{result['bound_ms']:.1f} ms/token at {result['read_bandwidth_gb_s']:.1f} GB/s"
+                     + (" (reads before and after the runs: "
+                        + ", ".join(f"{b:.1f}" for b in result["read_bandwidth_samples_gb_s"]) + ")"
+                        if "read_bandwidth_samples_gb_s" in result else "")))
     for key, value in result.items():
         if key.startswith("prefill_"):
             rows.append((f"prefill, {key.split('_')[1]}-token prompt", f"{value:.1f} tokens/s"))

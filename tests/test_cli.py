@@ -63,6 +63,24 @@ def test_every_command_has_help():
         assert result.returncode == 0 and "usage: gptj-tvm" in result.stdout
 
 
+def test_bench_times_the_artifact_next_to_its_bound(artifact, capsys):
+    folder = artifact("tiny")
+    code, out, _ = run(["bench", folder, "--json"], capsys)
+    assert code == 0
+    result = json.loads(out)
+    meta = json.loads((folder / "metadata.json").read_text())
+    assert result["weight_bytes"] == sum((folder / name).stat().st_size for name in meta["weight_files"])
+    assert result["prefill_128_tokens_per_s"] > 0 and result["decode_128_ms"] > 0  # the tiny context: 128
+    assert result["peak_rss_bytes"] >= result["peak_rss_after_load_bytes"] > 0
+    # the bound: weight bytes over the best of the bandwidth reads before and after the runs
+    samples = result["read_bandwidth_samples_gb_s"]
+    assert len(samples) == 2 and result["read_bandwidth_gb_s"] == max(samples) > 0
+    assert result["bound_ms"] == pytest.approx(result["weight_bytes"] / (max(samples) * 1e9) * 1e3)
+    assert result["decode_128_x_bound"] == pytest.approx(result["decode_128_ms"] / result["bound_ms"])
+    calls = {row["name"]: row["calls"] for row in result["decode_128_kernels"]}
+    assert calls["attention"] == calls["rotary_append"] == 2  # once per layer
+
+
 @pytest.fixture
 def broken(tmp_path, checkpoint):
     """A fresh copy of the tiny checkpoint to break."""

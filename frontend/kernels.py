@@ -80,6 +80,12 @@ def _rotate(qkv, t, base, j, cos, sin, pos):
 AHEAD = 4  # cache positions
 
 
+# How far ahead the weight-streaming kernels ask for their weights (the float GEMVs, schedules/prefetch.py; the
+# VNNI GEMVs, x86_gemm.py) and the bandwidth read the bound divides by (targets/bandwidth.py), into L2
+WEIGHT_PREFETCH_BYTES = 16 << 10
+WEIGHT_PREFETCH_LOCALITY = 2
+
+
 def prefetch(element, locality: int = 3):
     """Ask for the cache line holding `element` (a buffer load) before it is read; locality 3: into L1
     (`prefetcht0`), 2: into L2 (`prefetcht1`)."""

@@ -12,7 +12,7 @@ sums each lane's four products: one instruction per 64 weight bytes, where conve
 took 12 (q8 ran at 23 GB/s that way, q4 at 15: compute bound). The offset comes back out per group:
 sum x_q (q + OFFSET) = sum x_q q + OFFSET * x_sum. q4 unpacks two nibbles per byte (low: features 8i..8i+3,
 high: 8i+4..8i+7) with an AND and a shift.
-Each 64-byte load asks for the line PREFETCH_BYTES further on (into L2, running on into the next tile, which is
+Each 64-byte load asks for the line WEIGHT_PREFETCH_BYTES further on (into L2, running on into the next tile, which is
 the next one a thread streams), as the bfloat16 GEMVs do (schedules/prefetch.py): the hardware prefetchers
 alone left these GEMVs at 20-22 GB/s of 25-27 (GPT-J-6B's W_in and W_out, 2 threads); with it they read
 23-27 GB/s, 10-20% faster (q8 and q4). In prefill only a tile's first row asks (see below).
@@ -22,12 +22,11 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
-from .kernels import HAND_SCHEDULED, prefetch
+from .kernels import HAND_SCHEDULED, WEIGHT_PREFETCH_BYTES, WEIGHT_PREFETCH_LOCALITY, prefetch
 from .quantization import GROUP, OFFSET, TILE
 
 LANES = 16  # 32-bit lanes of a 512-bit register: 16 columns x 4 input features = 64 weight bytes
 VPDPBUSD = "llvm.x86.avx512.vpdpbusd.512"
-PREFETCH_BYTES = 16 << 10
 
 
 def vnni_matmul(in_features: int, out_features: int, scheme: str):
@@ -39,7 +38,7 @@ def vnni_matmul(in_features: int, out_features: int, scheme: str):
     rows = K // 8 if q4 else K // 4
     quads = GROUP // 4  # vpdpbusd steps per group (q4: pairs of them from one load)
     offset = OFFSET[scheme]
-    ahead = PREFETCH_BYTES // (TILE * 4)  # rows of the stored levels
+    ahead = WEIGHT_PREFETCH_BYTES // (TILE * 4)  # rows of the stored levels
 
     @T.prim_func(private=True, s_tir=True)
     def kernel(var_xq: T.handle, var_xs: T.handle, var_xsum: T.handle,
@@ -72,7 +71,7 @@ def vnni_matmul(in_features: int, out_features: int, scheme: str):
                                 # prefetching again slowed q8's prefill GEMMs by a third
                                 if t == 0:
                                     prefetch(weight[tile, g * (quads // 2 if q4 else quads) + step + ahead,
-                                                    lane * LANES, 0], 2)
+                                                    lane * LANES, 0], WEIGHT_PREFETCH_LOCALITY)
                                 # no Python names for vector values: TVMScript would give each a buffer
                                 if q4:
                                     dot[T.ramp(lane * LANES, 1, LANES)] = _vpdpbusd(

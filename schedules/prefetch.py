@@ -22,8 +22,9 @@ import re
 
 import tvm
 
-PREFETCH_BYTES = 16 << 10
-LOCALITY = 2  # llvm.prefetch: 3 = L1 (prefetcht0), 2 = L2 (prefetcht1)
+# llvm.prefetch's locality: 3 = L1 (prefetcht0), 2 = L2 (prefetcht1)
+from gptj_tvm.frontend.kernels import WEIGHT_PREFETCH_BYTES as PREFETCH_BYTES
+from gptj_tvm.frontend.kernels import WEIGHT_PREFETCH_LOCALITY as LOCALITY
 CACHE_LINE = 64
 _INT = r"(?:T\.int64\((\d+)\)|(\d+))"
 _K_LOOP = re.compile(rf"^( *)for k in range\({_INT}\):\n( *)for j_1 in T\.vectorized\({_INT}\):\n", re.M)

@@ -18,12 +18,12 @@ os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
 import tvm  # noqa: E402
 from tvm.script import tirx as T  # noqa: E402
 
-from gptj_tvm.frontend.kernels import HAND_SCHEDULED, prefetch  # noqa: E402
+from gptj_tvm.frontend.kernels import (  # noqa: E402
+    HAND_SCHEDULED, WEIGHT_PREFETCH_BYTES, WEIGHT_PREFETCH_LOCALITY, prefetch)
 
 from .llvm import host_target  # noqa: E402
 
 LANES = 128
-PREFETCH_BYTES = 16 << 10
 
 
 def _sum_kernel(n: int, parts: int) -> tvm.tirx.PrimFunc:
@@ -31,7 +31,7 @@ def _sum_kernel(n: int, parts: int) -> tvm.tirx.PrimFunc:
     the weights' software prefetch (16 KiB ahead into L2, as the GEMVs do; without it this read 4-11% less
     here than with it, and the q8 GEMVs read faster than the "bound")."""
     chunk = n // parts
-    ahead = PREFETCH_BYTES // (LANES * 4)  # steps
+    ahead = WEIGHT_PREFETCH_BYTES // (LANES * 4)  # steps
 
     @T.prim_func(s_tir=True)
     def kernel(data: T.Buffer((n,), "float32"), sums: T.Buffer((parts, LANES), "float32")):
@@ -43,7 +43,7 @@ def _sum_kernel(n: int, parts: int) -> tvm.tirx.PrimFunc:
                     acc[j] = T.float32(0)
                 for i in range(chunk // LANES):
                     for line in T.unroll(LANES * 4 // 64):  # past the chunk: the next one, or harmless
-                        prefetch(data[p * chunk + (i + ahead) * LANES + line * 16], 2)
+                        prefetch(data[p * chunk + (i + ahead) * LANES + line * 16], WEIGHT_PREFETCH_LOCALITY)
                     for j in T.vectorized(LANES):
                         acc[j] = acc[j] + data[p * chunk + i * LANES + j]
                 for j in T.vectorized(LANES):

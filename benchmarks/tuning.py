@@ -4,8 +4,9 @@
 
 Per kernel (W_in = [q|k|v|fc_in], W_out = [out_proj; fc_out], lm_head): dlight's CPU rules (GEMV, Reduction;
 none of them takes an [in, out] GEMV, so the kernel runs as legalized), this project's default rule, the
-MetaSchedule-tuned schedule, and what `compile --tuning-db` runs (tuned where it beat the default), each timed alone with TVM's time_evaluator, next to its bound (bytes read /
-read bandwidth measured in the same run with every core). Then one decode block: the tuned GEMVs plus the
+MetaSchedule-tuned schedule, and what `compile --tuning-db` runs (tuned where it beat the default), each timed
+alone with TVM's time_evaluator, next to its bound (bytes read / read bandwidth measured in the same run with
+every core). Then one decode block: the tuned GEMVs plus the
 block's other kernels (LayerNorm, rotary + append, attention at context 128), against numpy doing the same
 block in float32 with its BLAS. Tuning resumes from --db. Run it with nothing else on the machine.
 """

@@ -65,7 +65,7 @@ def inspect_artifact(folder, run: bool = True) -> dict:
     decode_block, prefill_block = per_block(decode, n_layer), per_block(prefill, n_layer)
     total_bytes, block_bytes = weight_bytes(folder, meta)
     schedules = meta.get("kernels", {})
-    # the tuned prefill buckets' functions (compile recorded their calls): their kernels are static-shaped copies
+    # the prefill buckets' functions (compile recorded their calls): their kernels are static-shaped copies
     buckets = [call for function in meta.get("prefill_buckets", {}).values()
                for call in meta["kernel_calls"].get(function, [])]
     kernels = {name: {"schedule": schedules.get(name, "VM shape function" if name.startswith("shape_func")

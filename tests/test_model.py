@@ -71,7 +71,7 @@ def test_long_prompts_prefill_in_chunks_of_the_static_buckets(name, length, piec
     assert [p for _, p in gen._prefill_pieces(length)] == pieces
     ids = [int(i) for i in np.random.default_rng(7).integers(0, gen.vocab_size, length)]
     expected = reference(name).logits(ids)
-    logits, cache = gen.forward("prefill", ids, gen.new_cache(length), length)
+    logits, _ = gen.forward("prefill", ids, gen.new_cache(length), length)
     assert rel_max_error(logits[0], expected[-1]) < 1e-4
 
 

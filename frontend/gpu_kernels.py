@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from tvm.script import tirx as T
 
 from .config import GPTJConfig
-from .kernels import HAND_SCHEDULED, _gelu_new, _rotate
+from .kernels import HAND_SCHEDULED, _gelu_new, rotate_append_element
 
 THREADS = 128
 REDUCTION_STEPS = THREADS.bit_length() - 1  # log2(THREADS)
@@ -69,13 +69,7 @@ def rotary_append(config: GPTJConfig, dtype: str, width: int, ffn_offset: int | 
                     if i < d:
                         h: T.let[T.int64] = i // D
                         j: T.let[T.int64] = i % D
-                        if j < R:
-                            q[0, t, h, j] = T.Cast(dtype, _rotate(qkv, t, h * D, j, cos, sin, pos))
-                            k_cache[pos, h, j] = T.Cast(dtype, _rotate(qkv, t, d + h * D, j, cos, sin, pos))
-                        else:
-                            q[0, t, h, j] = T.Cast(dtype, qkv[0, t, h * D + j])
-                            k_cache[pos, h, j] = T.Cast(dtype, qkv[0, t, d + h * D + j])
-                        v_cache[pos, h, j] = T.Cast(dtype, qkv[0, t, 2 * d + h * D + j])
+                        rotate_append_element(qkv, cos, sin, q, k_cache, v_cache, t, h, j, pos, R, d, D, dtype)
                     elif ffn_offset is not None and i < out_width:
                         out[0, t, i] = T.Cast(dtype, _gelu_new(qkv[0, t, ffn_offset + i - d]))
 

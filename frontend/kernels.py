@@ -29,6 +29,7 @@ def rotary_append(config: GPTJConfig, dtype: str, width: int, ffn_offset: int | 
     H, D, R, P, d = config.n_head, config.head_dim, config.rotary_dim, config.n_positions, config.n_embd
     ff = config.d_ff
     ff_part = -(-ff // PARTS)
+    heads_part = -(-H // PARTS)
     out_width = d + ff if ffn_offset is not None else d
 
     @T.prim_func(private=True, s_tir=True)
@@ -51,15 +52,10 @@ def rotary_append(config: GPTJConfig, dtype: str, width: int, ffn_offset: int | 
                 t: T.let[T.int64] = tp // PARTS
                 part: T.let[T.int32] = T.Cast("int32", tp % PARTS)
                 pos: T.let[T.int64] = total - n + t
-                for h, j in T.grid(H, D):
-                    if h % PARTS == part:
-                        if j < R:
-                            q[0, t, h, j] = T.Cast(dtype, _rotate(qkv, t, h * D, j, cos, sin, pos))
-                            k_cache[pos, h, j] = T.Cast(dtype, _rotate(qkv, t, d + h * D, j, cos, sin, pos))
-                        else:
-                            q[0, t, h, j] = T.Cast(dtype, qkv[0, t, h * D + j])
-                            k_cache[pos, h, j] = T.Cast(dtype, qkv[0, t, d + h * D + j])
-                        v_cache[pos, h, j] = T.Cast(dtype, qkv[0, t, 2 * d + h * D + j])
+                for step, j in T.grid(heads_part, D):  # heads part, part + PARTS, ...
+                    if part + step * PARTS < H:
+                        rotate_append_element(qkv, cos, sin, q, k_cache, v_cache, t, part + step * PARTS, j, pos,
+                                              R, d, D, dtype)
                 if ffn_offset is not None:
                     for c in range(ff_part):
                         if part * ff_part + c < ff:
@@ -75,6 +71,19 @@ def _rotate(qkv, t, base, j, cos, sin, pos):
     c = cos[pos, T.floordiv(j, 2)]
     s = sin[pos, T.floordiv(j, 2)]
     return T.if_then_else(T.floormod(j, 2) == 0, x * c - partner * s, x * c + partner * s)
+
+
+@T.macro
+def rotate_append_element(qkv, cos, sin, q, k_cache, v_cache, t, h, j, pos, rotary_dim, n_embd, head_dim, dtype):
+    """Element (h, j) of token t: q and k rotated (the first rotary_dim columns of a head), k and v appended to
+    the caches at pos. Shared by the CPU kernel above and gpu_kernels.rotary_append."""
+    if j < rotary_dim:
+        q[0, t, h, j] = T.Cast(dtype, _rotate(qkv, t, h * head_dim, j, cos, sin, pos))
+        k_cache[pos, h, j] = T.Cast(dtype, _rotate(qkv, t, n_embd + h * head_dim, j, cos, sin, pos))
+    else:
+        q[0, t, h, j] = T.Cast(dtype, qkv[0, t, h * head_dim + j])
+        k_cache[pos, h, j] = T.Cast(dtype, qkv[0, t, n_embd + h * head_dim + j])
+    v_cache[pos, h, j] = T.Cast(dtype, qkv[0, t, 2 * n_embd + h * head_dim + j])
 
 
 AHEAD = 4  # cache positions

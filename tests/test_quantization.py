@@ -117,7 +117,7 @@ def test_quantized_kernels_compute_the_dequantized_model(name, scheme, vnni, qua
     # float32 models: what is left is summation order, and (vnni) the odd activation landing on the other side
     # of a rounding boundary, since the model rounds float32 values where the reference has float64 ones: one
     # level of one activation, which the two chaotic random blocks amplify (seen: up to 4.7e-3). The kernel
-    # itself is checked exactly below.
+    # itself is checked exactly in test_x86_gemm.py.
     assert rel_max_error(gen.logits(ids), expected) < (2e-2 if vnni else 1e-4)
 
 

@@ -12,10 +12,10 @@ sums each lane's four products: one instruction per 64 weight bytes, where conve
 took 12 (q8 ran at 23 GB/s that way, q4 at 15: compute bound). The offset comes back out per group:
 sum x_q (q + OFFSET) = sum x_q q + OFFSET * x_sum. q4 unpacks two nibbles per byte (low: features 8i..8i+3,
 high: 8i+4..8i+7) with an AND and a shift.
-Each 64-byte load asks for the line WEIGHT_PREFETCH_BYTES further on (into L2, running on into the next tile, which is
-the next one a thread streams), as the bfloat16 GEMVs do (schedules/prefetch.py): the hardware prefetchers
-alone left these GEMVs at 20-22 GB/s of 25-27 (GPT-J-6B's W_in and W_out, 2 threads); with it they read
-23-27 GB/s, 10-20% faster (q8 and q4). In prefill only a tile's first row asks (see below).
+Each 64-byte load asks for the line WEIGHT_PREFETCH_BYTES further on (into L2, running on into the next tile,
+which is the next one a thread streams), as the bfloat16 GEMVs do (schedules/prefetch.py): the hardware
+prefetchers alone left these GEMVs at 20-22 GB/s of 25-27 (GPT-J-6B's W_in and W_out, 2 threads); with it
+they read 23-27 GB/s, 10-20% faster (q8 and q4). In prefill only a tile's first row asks (see below).
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ def vnni_matmul(in_features: int, out_features: int, scheme: str):
     q4 = scheme == "q4"
     rows = K // 8 if q4 else K // 4
     quads = GROUP // 4  # vpdpbusd steps per group (q4: pairs of them from one load)
+    group_rows = quads // 2 if q4 else quads  # rows of the stored levels per group
     offset = OFFSET[scheme]
     ahead = WEIGHT_PREFETCH_BYTES // (TILE * 4)  # rows of the stored levels
 
@@ -63,27 +64,27 @@ def vnni_matmul(in_features: int, out_features: int, scheme: str):
                     for g in range(G):
                         for c in T.vectorized(TILE):
                             dot[c] = 0
-                        for step in T.unroll(quads // 2 if q4 else quads):
+                        for step in T.unroll(group_rows):
                             for lane in T.unroll(TILE // LANES):
                                 # past the tile's last row the address is in the next tile (or past the
                                 # weights, which is harmless: prefetches never fault); only the first row
                                 # (prompt position) streams the tile in, the others find it in L2, where
                                 # prefetching again slowed q8's prefill GEMMs by a third
                                 if t == 0:
-                                    prefetch(weight[tile, g * (quads // 2 if q4 else quads) + step + ahead,
-                                                    lane * LANES, 0], WEIGHT_PREFETCH_LOCALITY)
+                                    prefetch(weight[tile, g * group_rows + step + ahead, lane * LANES, 0],
+                                             WEIGHT_PREFETCH_LOCALITY)
                                 # no Python names for vector values: TVMScript would give each a buffer
                                 if q4:
                                     dot[T.ramp(lane * LANES, 1, LANES)] = _vpdpbusd(
                                         _vpdpbusd(dot.vload([lane * LANES], "int32x16"),
-                                                  _nibbles(weight, tile, g * (quads // 2) + step, lane, 0),
+                                                  _nibbles(weight, tile, g * group_rows + step, lane, 0),
                                                   xq, t, g * groups_per_k + step * 8),
-                                        _nibbles(weight, tile, g * (quads // 2) + step, lane, 4),
+                                        _nibbles(weight, tile, g * group_rows + step, lane, 4),
                                         xq, t, g * groups_per_k + step * 8 + 4)
                                 else:
                                     dot[T.ramp(lane * LANES, 1, LANES)] = _vpdpbusd(
                                         dot.vload([lane * LANES], "int32x16"),
-                                        weight.vload([tile, g * quads + step, lane * LANES, 0], "uint8x64"),
+                                        weight.vload([tile, g * group_rows + step, lane * LANES, 0], "uint8x64"),
                                         xq, t, g * groups_per_k + step * 4)
                         for c in T.vectorized(TILE):
                             acc[c] = acc[c] + T.Cast("float32", dot[c] - offset * xsum[0, t, g]) * (

@@ -6,7 +6,8 @@ Per kernel (W_in = [q|k|v|fc_in], W_out = [out_proj; fc_out], lm_head): dlight's
 none of them takes an [in, out] GEMV, so the kernel runs as legalized), this project's default rule, the
 MetaSchedule-tuned schedule, and what `compile --tuning-db` runs (tuned where it beat the default), each timed
 alone with TVM's time_evaluator, next to its bound (bytes read / read bandwidth measured in the same run with
-every core). Then one decode block: the tuned GEMVs plus the
+every core); and the hand-written GEMV on the same weight in column pairs (frontend/pair_gemm.py), what a
+bfloat16 CPU artifact runs without a tuning database. Then one decode block: the tuned GEMVs plus the
 block's other kernels (LayerNorm, rotary + append, attention at context 128), against numpy doing the same
 block in float32 with its BLAS. Tuning resumes from --db. Run it with nothing else on the machine.
 """
@@ -29,6 +30,7 @@ import tvm  # noqa: E402
 from gptj_tvm.targets.bandwidth import read_bandwidth  # noqa: E402
 from tvm.s_tir import dlight as dl  # noqa: E402
 
+from gptj_tvm.frontend.pair_gemm import pair_matmul  # noqa: E402
 from gptj_tvm.frontend.random_checkpoint import make_config  # noqa: E402
 from gptj_tvm.ir import pipeline  # noqa: E402
 from gptj_tvm.schedules.cpu_matmul import CPUMatmul  # noqa: E402
@@ -50,6 +52,15 @@ def bytes_read(func) -> int:
         if shape is not None and all(isinstance(s, tvm.tirx.IntImm) for s in shape):
             total += int(np.prod([int(s) for s in shape])) * tvm.runtime.DataType(str(param.ty.dtype)).bits // 8
     return total
+
+
+def pairs_ms(func, target, rng) -> float:
+    """The pair-layout GEMV (with its bias) on the weight of a column-tile GEMV kernel [N / t, K, t]."""
+    weight = next(p.ty.shape for p in func.params if len(getattr(p.ty, "shape", ())) == 3
+                  and all(isinstance(s, tvm.tirx.IntImm) for s in p.ty.shape))
+    k, n = int(weight[1]), int(weight[0]) * int(weight[2])
+    pairs = pair_matmul(k, n, "bfloat16", bias=True)
+    return time_ms(pairs, target, random_args(pairs, rng))
 
 
 def schedule_with(func, target, rules):
@@ -123,6 +134,7 @@ def main(argv=None) -> int:
         })
         # what `compile --tuning-db` runs: the tuned schedule where it beat the default, else the default
         rows[-1]["compiled_ms"] = rows[-1]["tuned_ms"] or rows[-1]["default_ms"]
+        rows[-1]["pairs_ms"] = pairs_ms(task.func, target, rng)
     others = {}
     for name in dict.fromkeys(pipeline.kernel_calls(mod, "decode")):
         if name in ("rotary_append", "attention") or name.startswith("fused_layer_norm"):
@@ -140,14 +152,14 @@ def main(argv=None) -> int:
           f" tuning {tuning_s:.0f} s for {summary['tuned']} tasks ({summary['resumed']} resumed), "
           f"{args.trials} trials per task on average")
     print("ms per call; search best: MetaSchedule's fastest candidate while tuning; tuned: its record where it "
-          "beat the default; compiled: what compile --tuning-db runs")
+          "beat the default; compiled: what compile --tuning-db runs; pairs: the column-pair GEMV (no database)")
     print(f"{'kernel':40s} {'MB':>5s} {'bound':>7s} {'dlight':>8s} {'default':>8s} {'search':>8s} {'tuned':>8s} "
-          f"{'compiled':>8s} {'/bound':>6s}")
+          f"{'compiled':>8s} {'/bound':>6s} {'pairs':>8s} {'/bound':>6s}")
     for r in rows:
         tuned = f"{r['tuned_ms']:8.2f}" if r["tuned_ms"] else "       -"
         print(f"{r['kernel']:40s} {r['bytes_read'] / 1e6:5.0f} {r['bound_ms']:7.2f} {r['dlight_ms']:8.2f} "
               f"{r['default_ms']:8.2f} {r['search_best_ms']:8.2f} {tuned} {r['compiled_ms']:8.2f} "
-              f"{r['compiled_ms'] / r['bound_ms']:6.2f}")
+              f"{r['compiled_ms'] / r['bound_ms']:6.2f} {r['pairs_ms']:8.2f} {r['pairs_ms'] / r['bound_ms']:6.2f}")
     print("other block kernels (ms): " + ", ".join(f"{k} {v:.3f}" for k, v in others.items()))
     print(f"one decode block: tuned {tuned_block:.2f} ms, numpy float32 + BLAS "
           f"{result['numpy_float32_block_ms']:.2f} ms")

@@ -30,15 +30,35 @@ LM_HEAD_PAD = 512
 WEIGHT_TILES = (512, 256, 128, 64, 32, 16, 8)
 
 
-# Where a compiled model's linear weights live: CPU kernels read column tiles (above); GPU GEMVs (dlight's GEMV
-# rule: one warp group per output row, a cross-thread sum) read Hugging Face's own [out, in] rows.
-COLUMN_TILES, ROWS = "column-tiles", "rows"
-WEIGHT_LAYOUTS = (COLUMN_TILES, ROWS)
+# Where a compiled model's linear weights live: CPU kernels read column tiles (above), or, for bfloat16, column
+# pairs (below); GPU GEMVs (dlight's GEMV rule: one warp group per output row, a cross-thread sum) read Hugging
+# Face's own [out, in] rows.
+COLUMN_TILES, COLUMN_PAIRS, ROWS = "column-tiles", "column-pairs", "rows"
+WEIGHT_LAYOUTS = (COLUMN_TILES, COLUMN_PAIRS, ROWS)
+# Column pairs: [out / tile, in / 2, tile, 2], two input features of a column in one 32-bit word, which a shift
+# and a mask widen to two float32 (frontend/pair_gemm.py). Narrower tiles than column tiles': a tile's
+# accumulators for 4 prompt positions must fit in registers.
+PAIR_TILES = (64, 32, 16, 8)
 
 
 def weight_tile(out_features: int) -> int:
     """The column tile of a [in, out_features] weight: the widest of WEIGHT_TILES that divides it."""
     return next((t for t in WEIGHT_TILES if out_features % t == 0), out_features)
+
+
+def pair_tile(in_features: int, out_features: int) -> int | None:
+    """The tile of a [in, out_features] weight in column pairs, or None where the weight does not pair (odd
+    in_features, or no PAIR_TILES width divides out_features): such a weight stays in column tiles."""
+    if in_features % 2:
+        return None
+    return next((t for t in PAIR_TILES if out_features % t == 0), None)
+
+
+def linear_layout(layout: str, in_features: int, out_features: int) -> str:
+    """The layout one [in, out] weight of a model compiled for `layout` is stored in."""
+    if layout == COLUMN_PAIRS and pair_tile(in_features, out_features) is None:
+        return COLUMN_TILES
+    return layout
 
 
 @dataclasses.dataclass(frozen=True)

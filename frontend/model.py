@@ -1,8 +1,8 @@
 """GPT-J as a Relax `nn.Module`: the math of GPTJ-MATH.md, with a KV cache, batch 1.
 
 Weights are stored in the layout the kernels read (see `weights.py` for the map from Hugging Face names):
-for the CPU, linear weights are [in_features, out_features] in column tiles; for GPUs, [out_features,
-in_features] rows (the `Variant`). No kernel transposes a weight at run time. Half-precision
+for the CPU, linear weights are [in_features, out_features] in column tiles (bfloat16: in column pairs,
+pair_gemm.py); for GPUs, [out_features, in_features] rows (the `Variant`). No kernel transposes a weight at run time. Half-precision
 models keep the residual stream, LayerNorm statistics, rotary angles, softmax and matmul accumulation in
 float32; the model dtype is what the weights, the KV cache and the GEMMs' inputs are stored in.
 
@@ -25,8 +25,9 @@ from tvm import relax, te, tirx
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 
-from . import gpu_kernels, kernels, quantization, x86_gemm
-from .config import COLUMN_TILES, GELU_NEW_COEFF, GELU_NEW_SCALE, ROWS, GPTJConfig, weight_tile
+from . import gpu_kernels, kernels, pair_gemm, quantization, x86_gemm
+from .config import (COLUMN_PAIRS, COLUMN_TILES, GELU_NEW_COEFF, GELU_NEW_SCALE, ROWS, GPTJConfig, linear_layout,
+                     pair_tile, weight_tile)
 
 F32 = "float32"
 
@@ -49,29 +50,43 @@ class Variant:
 
 
 CPU = Variant()
+CPU_PAIRS = Variant(COLUMN_PAIRS)  # bfloat16 on CPUs (pair_gemm.py)
 GPU = Variant(ROWS, gpu_kernels.Loops(gpu=True))
 GPU_ON_CPU = Variant(ROWS, gpu_kernels.Loops(gpu=False))  # the GPU graph, runnable on a CPU: tests its math
 
 
 class Linear(nn.Module):
     """y = x @ W + bias, accumulated in float32, with W [in, out] stored in column tiles [out / t, in, t]
-    (weights.tiled) or as [out, in] rows (layout ROWS). Biases are stored in float32: they are tiny, and a
-    cast of a weight would run every step."""
+    (weights.tiled), in column pairs [out / t, in / 2, t, 2] (weights.paired: bfloat16 CPU artifacts; a weight
+    that does not pair stays in column tiles) or as [out, in] rows (layout ROWS). Biases are stored in float32:
+    they are tiny, and a cast of a weight would run every step."""
 
     def __init__(self, in_features: int, out_features: int, dtype: str, bias: bool, layout: str = COLUMN_TILES):
+        layout = linear_layout(layout, in_features, out_features)
         if layout == ROWS:
             self.weight = nn.Parameter((out_features, in_features), dtype)
+        elif layout == COLUMN_PAIRS:
+            tile = pair_tile(in_features, out_features)
+            self.weight = nn.Parameter((out_features // tile, in_features // 2, tile, 2), dtype)
         else:
             tile = weight_tile(out_features)
             self.weight = nn.Parameter((out_features // tile, in_features, tile), dtype)
         self.bias = nn.Parameter((out_features,), F32) if bias else None
         self.dtype = dtype
         self.layout = layout
+        self.in_features, self.out_features = in_features, out_features
 
-    def forward_f32(self, x: nn.Tensor) -> nn.Tensor:
-        """The float32 result, before rounding to the model dtype."""
+    def forward_f32(self, x: nn.Tensor, residual: nn.Tensor | None = None) -> nn.Tensor:
+        """The float32 result (+ residual, float32), before rounding to the model dtype."""
+        if self.layout == COLUMN_PAIRS:  # the kernel adds the bias and the residual as it writes y
+            extra = [t for t in (self.bias, residual) if t is not None]
+            kernel = pair_gemm.pair_matmul(self.in_features, self.out_features, str(x.dtype),
+                                           bias=self.bias is not None, residual=residual is not None)
+            return op.tensor_ir_op(kernel, "pair_matmul", [x, self.weight, *extra],
+                                   nn.Tensor.placeholder([1, x.shape[1], self.out_features], F32))
         y = rows_matmul(x, self.weight) if self.layout == ROWS else tiled_matmul(x, self.weight)
-        return y + self.bias if self.bias is not None else y
+        y = y + self.bias if self.bias is not None else y
+        return y + residual if residual is not None else y
 
     def forward(self, x: nn.Tensor) -> nn.Tensor:
         y = self.forward_f32(x)
@@ -329,7 +344,7 @@ class FusedBlock(nn.Module):
         qkvf = self.w_in.forward_f32(self.ln_1(h))
         q, attn_ffn = rotary_append(c, self.dtype, self.variant, qkvf, rotary, cache, total, ffn_offset=3 * c.n_embd)
         attn_ffn = attention(c, self.dtype, self.variant, q, cache, attn_ffn, total)
-        return self.w_out.forward_f32(attn_ffn) + h
+        return self.w_out.forward_f32(attn_ffn, residual=h)
 
 
 class Rotary(nn.Module):

@@ -21,7 +21,7 @@ from safetensors.numpy import save_file
 from gptj_tvm.errors import GptjError
 
 from . import quantization as quant
-from .config import COLUMN_TILES, ROWS, GPTJConfig, rotary_tables, weight_tile
+from .config import COLUMN_PAIRS, COLUMN_TILES, ROWS, GPTJConfig, linear_layout, pair_tile, rotary_tables, weight_tile
 
 NUMPY_DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16),
                 "bfloat16": np.dtype(ml_dtypes.bfloat16)}
@@ -100,6 +100,15 @@ def tiled(weight: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(bits.reshape(k, n // t, t).transpose(1, 0, 2)).view(weight.dtype)
 
 
+def paired(weight: np.ndarray) -> np.ndarray:
+    """[in, out] -> [out / tile, in / 2, tile, 2] (config.pair_tile), contiguous: input features 2r and 2r + 1
+    of a column side by side, each column tile in one run."""
+    k, n = weight.shape
+    t = pair_tile(k, n)
+    bits = weight.view(np.uint16) if weight.dtype.itemsize == 2 else weight
+    return np.ascontiguousarray(bits.reshape(k // 2, 2, n // t, t).transpose(2, 0, 3, 1)).view(weight.dtype)
+
+
 def _transposed(tensor: np.ndarray) -> np.ndarray:
     # numpy copies native 2-byte types much faster than ml_dtypes' bfloat16: move the bits as uint16
     if tensor.dtype.itemsize == 2:
@@ -168,7 +177,7 @@ class Checkpoint:
     def converted(self, dtype: str, fuse_block: bool = True, layout: str = COLUMN_TILES,
                   quantization: str | None = None) -> Iterator[tuple[str, np.ndarray]]:
         """Our tensors in our layout and `dtype`, one at a time; the rotary tables (float32) come first.
-        Linear weights go to `layout`: [in, out] in column tiles, or HF's own [out, in] rows (ROWS); with
+        Linear weights go to `layout`: [in, out] in column tiles or pairs, or HF's own [out, in] rows (ROWS); with
         `quantization` (q8, q4: frontend/quantization.py) each becomes its levels and its scales (`.scale`)."""
         cos, sin = rotary_tables(self.config)
         yield "rotary.cos", cos
@@ -202,8 +211,8 @@ class Checkpoint:
                 yield ours, quant.pack(levels, scheme)
                 yield ours.replace(".weight", ".scale"), quant.tiled(scales)
                 continue
-            if linear and not rows:  # [in, out] -> [out / t, in, t]
-                tensor = tiled(tensor)
+            if linear and not rows:  # [in, out] -> [out / t, in, t] or [out / t, in / 2, t, 2]
+                tensor = paired(tensor) if linear_layout(layout, *tensor.shape) == COLUMN_PAIRS else tiled(tensor)
             yield ours, np.ascontiguousarray(tensor)
 
 

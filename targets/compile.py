@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from gptj_tvm.errors import GptjError
 from gptj_tvm.files import staging_dir
-from gptj_tvm.frontend.config import DTYPES, PREFILL_BUCKETS, ROWS, GPTJConfig
+from gptj_tvm.frontend.config import COLUMN_PAIRS, DTYPES, PREFILL_BUCKETS, ROWS, GPTJConfig
 from gptj_tvm.frontend.quantization import check_scheme
 from gptj_tvm.frontend.random_checkpoint import packaged_tokenizer_dir
 from gptj_tvm.frontend.weights import Checkpoint
@@ -34,11 +34,15 @@ from .host import has_vnni
 from .resolve import device_name, is_gpu, resolve_target, tuning_fingerprint
 
 
-def variant_for(target: tvm.target.Target):
-    """The model variant (weight layout, attention kernel form) a target runs."""
+def variant_for(target: tvm.target.Target, dtype: str = "float32", tuned: bool = False):
+    """The model variant (weight layout, attention kernel form) a target runs. A CPU's bfloat16 GEMMs read
+    column pairs (frontend/pair_gemm.py), except with a tuning database (`tuned`): MetaSchedule tunes the
+    column-tile GEMMs (schedules/tune.py), which the hand-written pair kernels leave it nothing to tune in."""
     from gptj_tvm.frontend import model  # noqa: PLC0415
 
-    return model.GPU if is_gpu(target) else model.CPU
+    if is_gpu(target):
+        return model.GPU
+    return model.CPU_PAIRS if dtype == "bfloat16" and not tuned else model.CPU
 
 
 def export_model(config: GPTJConfig, dtype: str, fuse_block: bool = True, variant=None,
@@ -61,7 +65,8 @@ def build_library(config: GPTJConfig, dtype: str, target: tvm.target.Target, out
     every kernel must come out bound to threads; the device code is built with nvcc (targets/cuda.py)."""
     from gptj_tvm.frontend.model import bucket_function  # noqa: PLC0415
 
-    mod, param_names = export_model(config, dtype, fuse_block, variant or variant_for(target), prefill_buckets)
+    mod, param_names = export_model(config, dtype, fuse_block, variant or variant_for(target, dtype, tuned is not None),
+                                    prefill_buckets)
     report: dict[str, str] = {}
     calls: dict[str, list[str]] = {}
 
@@ -136,8 +141,8 @@ def tune_model(model_dir, out, target: str = "llvm", dtype: str | None = None, f
         raise GptjError(f"tune knows this host's CPU (--target llvm) only for now, not {target!r}: "
                         "compile for it with its default schedules")
     buckets = check_buckets(prefill_buckets, config)
-    mod = pipeline.optimize(export_model(config, dtype, fuse_block, variant_for(tvm_target), buckets)[0],
-                            tvm_target)
+    mod = pipeline.optimize(export_model(config, dtype, fuse_block, variant_for(tvm_target, dtype, tuned=True),
+                                         buckets)[0], tvm_target)
     return tune(mod, tvm_target, tuning_fingerprint(tvm_target, dtype), Path(out), trials=trials,
                 max_seconds=max_seconds, progress=progress, prefill_buckets=buckets)
 
@@ -167,19 +172,22 @@ def compile_model(model_dir, out_dir, target: str = "llvm", dtype: str | None = 
 
     out_dir = Path(out_dir)
     model_dir, config, dtype, tvm_target = prepare(model_dir, target, dtype, arch)
-    variant = variant or variant_for(tvm_target)
+    tuned, tuned_buckets = open_tuning_db(tuning_db, tvm_target, dtype) if tuning_db else (None, ())
     if quantization is not None:
         check_scheme(quantization)
+        variant = variant or variant_for(tvm_target)  # quantized linears have their own layout
         if variant.weight_layout == ROWS:
             raise GptjError(f"--quantization is for CPU artifacts (--target llvm) for now, not {target!r}")
         vnni = has_vnni() if vnni is None else vnni
         variant = dataclasses.replace(variant, quantization=quantization, vnni=vnni)
+    variant = variant or variant_for(tvm_target, dtype, tuned is not None)
     checkpoint = Checkpoint(model_dir, config) if weights else None  # checks names and shapes before long work
     vocab, merges = tokenizer_files(model_dir)
-    tuned, tuned_buckets = open_tuning_db(tuning_db, tvm_target, dtype) if tuning_db else (None, ())
-    if prefill_buckets is None and (is_gpu(tvm_target) or variant.quantization):
-        # CPU float GEMMs (schedules/cpu_matmul.py) run prefill 1.7x faster on static lengths (no ragged row
-        # blocks); the quantized ones (x86_gemm.py, cpu_quant.py) and GPU kernels gain nothing from them
+    if prefill_buckets is None and (is_gpu(tvm_target) or variant.quantization
+                                    or variant.weight_layout == COLUMN_PAIRS):
+        # CPU float GEMMs in column tiles (schedules/cpu_matmul.py) run prefill 1.7x faster on static lengths
+        # (no ragged row blocks); the hand-written ones (pair_gemm.py, x86_gemm.py, cpu_quant.py) and GPU
+        # kernels gain nothing from them
         prefill_buckets = ()
     own = check_buckets(prefill_buckets, config)  # None: the defaults
     buckets = check_buckets([*own, *(b for b in tuned_buckets if b <= config.n_positions)], config)

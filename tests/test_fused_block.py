@@ -11,12 +11,12 @@ from reference import rel_max_error
 from test_model import TOLERANCE, prompt_for
 
 
-@pytest.mark.parametrize("name", ["tiny", "wide", "odd", "float16", "bfloat16"])
+@pytest.mark.parametrize("name", ["tiny", "wide", "odd", "float16", "bfloat16", "odd-bf16"])
 def test_fused_and_plain_graphs_agree(name, generator, reference):
     fused, plain = generator(name), generator(name, fuse_block=False)
     ids = prompt_for(fused)
     fused_logits, plain_logits = fused.logits(ids), plain.logits(ids)
-    if name in ("float16", "bfloat16"):  # they round at different points; both stay as close to the math
+    if name in ("float16", "bfloat16", "odd-bf16"):  # they round at different points; both stay near the math
         expected = reference(name).logits(ids)
         assert rel_max_error(plain_logits, expected) < TOLERANCE[name]
         assert rel_max_error(fused_logits, expected) < TOLERANCE[name]

@@ -8,8 +8,9 @@ import pytest
 from reference import ReferenceGPTJ, rel_max_error
 
 PROMPT = [464, 10730, 29598, 11, 290, 262, 2068, 7586, 21831, 3, 99, 12000, 50256, 17]
-TOP1_AGREEMENT = {"float16": 0.9, "bfloat16": 0.75}  # of 14 positions; bfloat16 keeps 8 bits of mantissa
-TOLERANCE = {"tiny": 1e-4, "wide": 1e-4, "odd": 1e-4, "float16": 5e-3, "bfloat16": 2e-2}
+# of 14 positions; bfloat16 keeps 8 bits of mantissa
+TOP1_AGREEMENT = {"float16": 0.9, "bfloat16": 0.75, "odd-bf16": 0.75}
+TOLERANCE = {"tiny": 1e-4, "wide": 1e-4, "odd": 1e-4, "float16": 5e-3, "bfloat16": 2e-2, "odd-bf16": 2e-2}
 
 
 def prompt_for(generator) -> list[int]:
@@ -20,9 +21,10 @@ def prompt_for(generator) -> list[int]:
 # these tests check the GPU kernels' math where no GPU is (tests/test_cuda.py checks what is built for one).
 # "vulkan" is the `--target vulkan` artifact running on a Vulkan driver (lavapipe, on this CPU, in CI).
 @pytest.mark.parametrize("name,variant", [("tiny", "cpu"), ("wide", "cpu"), ("odd", "cpu"), ("float16", "cpu"),
-                                          ("bfloat16", "cpu"), ("tiny", "gpu-on-cpu"), ("wide", "gpu-on-cpu"),
-                                          ("odd", "gpu-on-cpu"), ("float16", "gpu-on-cpu"), ("tiny", "vulkan"),
-                                          ("wide", "vulkan"), ("odd", "vulkan"), ("float16", "vulkan")])
+                                          ("bfloat16", "cpu"), ("odd-bf16", "cpu"), ("tiny", "gpu-on-cpu"),
+                                          ("wide", "gpu-on-cpu"), ("odd", "gpu-on-cpu"), ("float16", "gpu-on-cpu"),
+                                          ("tiny", "vulkan"), ("wide", "vulkan"), ("odd", "vulkan"),
+                                          ("float16", "vulkan")])
 def test_logits_at_every_position_match_reference(name, variant, generator, reference):
     gen = generator(name, variant=variant)
     ids = prompt_for(gen)

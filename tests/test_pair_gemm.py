@@ -1,0 +1,89 @@
+"""The bfloat16 pair-layout GEMM (frontend/pair_gemm.py) and its weight layout (weights.paired)."""
+
+from __future__ import annotations
+
+import json
+
+import ml_dtypes
+import numpy as np
+import pytest
+import tvm
+
+from gptj_tvm.frontend.config import COLUMN_PAIRS, COLUMN_TILES, linear_layout, pair_tile
+from gptj_tvm.frontend.pair_gemm import pair_matmul
+from gptj_tvm.frontend.weights import paired
+from gptj_tvm.targets.llvm import host_target
+from reference import rel_max_error
+from test_model import TOLERANCE, prompt_for
+
+
+def run(k: int, n: int, rows: int, x_dtype: str, epilogue: tuple[str, ...] = (), seed: int = 0):
+    """(x, w, the extra inputs (bias, residual), y) of the kernel on random inputs."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((k, n), dtype=np.float32).astype(ml_dtypes.bfloat16)
+    x = rng.standard_normal((1, rows, k), dtype=np.float32).astype(x_dtype)
+    shapes = {"bias": (n,), "residual": (1, rows, n)}
+    extra = [rng.standard_normal(shapes[name], dtype=np.float32) for name in epilogue]
+    func = pair_matmul(k, n, x_dtype, bias="bias" in epilogue, residual="residual" in epilogue)
+    lib = tvm.tirx.build(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=host_target())
+    out = tvm.runtime.empty((1, rows, n), "float32")
+    lib["main"](*(tvm.runtime.tensor(a) for a in (x, paired(w), *extra)), out)
+    return x, w, extra, out.numpy()
+
+
+# rows: the position blocks of 4 and the rest one at a time (decode: 1); 1024 inputs: two k blocks of 256 pair
+# rows (partial sums stored and read back); 216 and 48 columns: tiles of 8 and 16 (8- and 16-lane vectors);
+# the bias (W_in) and the bias and residual (the fused block's W_out) added as the last k block is written
+@pytest.mark.parametrize("k,n,rows,epilogue", [
+    (1024, 192, 1, ()), (1024, 192, 3, ()), (1024, 192, 4, ()), (1024, 192, 9, ()), (48, 216, 5, ()),
+    (120, 48, 6, ()), (1024, 192, 1, ("bias",)), (1024, 192, 6, ("bias", "residual")),
+    (48, 216, 5, ("bias", "residual"))])
+def test_bfloat16_kernel_is_the_float32_sum_in_order(k, n, rows, epilogue):
+    """bfloat16 products are exact in float32 and the kernel adds them in k order: numpy's float32 running sum
+    in the same order, then the bias, then the residual, gives the same bits."""
+    x, w, extra, actual = run(k, n, rows, "bfloat16", epilogue)
+    expected = np.zeros((rows, n), np.float32)
+    x32, w32 = x[0].astype(np.float32), w.astype(np.float32)
+    for i in range(k):
+        expected += x32[:, i:i + 1] * w32[i]
+    for term in extra:
+        expected += term.reshape(-1, n)
+    np.testing.assert_array_equal(actual[0], expected)
+
+
+def test_float32_inputs_against_float64():
+    x, w, _, actual = run(64, 128, 5, "float32")
+    expected = x[0].astype(np.float64) @ w.astype(np.float64)
+    assert rel_max_error(actual[0], expected) < 1e-6
+
+
+def test_pairs_hold_two_input_features_of_a_column_side_by_side():
+    w = np.arange(6 * 24, dtype=np.float32).reshape(6, 24).astype(ml_dtypes.bfloat16)
+    p = paired(w)
+    assert p.shape == (3, 3, 8, 2) and pair_tile(6, 24) == 8  # 24 columns: tiles of 8
+    tile, pair_row, column = 1, 2, 5
+    assert p[tile, pair_row, column, 0] == w[2 * pair_row, tile * 8 + column]
+    assert p[tile, pair_row, column, 1] == w[2 * pair_row + 1, tile * 8 + column]
+    np.testing.assert_array_equal(p.transpose(1, 3, 0, 2).reshape(6, 24), w)
+
+
+def test_weights_that_do_not_pair_stay_in_column_tiles():
+    assert linear_layout(COLUMN_PAIRS, 48, 216) == COLUMN_PAIRS
+    assert linear_layout(COLUMN_PAIRS, 47, 216) == COLUMN_TILES  # odd input features
+    assert linear_layout(COLUMN_PAIRS, 48, 180) == COLUMN_TILES  # no tile of 8 or more columns
+    assert linear_layout(COLUMN_TILES, 48, 216) == COLUMN_TILES
+
+
+@pytest.mark.parametrize("name", ["bfloat16", "odd-bf16"])
+def test_bfloat16_artifact_decodes_step_by_step_like_the_reference(name, artifact, generator, reference):
+    meta = json.loads((artifact(name) / "metadata.json").read_text())
+    assert meta["weight_layout"] == COLUMN_PAIRS and meta["prefill_buckets"] == {}
+    gen = generator(name)
+    ids = prompt_for(gen)
+    expected = reference(name).logits(ids)
+    logits, cache = gen.forward("prefill", ids[:5], gen.new_cache(), 5)
+    steps = [logits[0]]
+    for n in range(5, len(ids)):
+        logits, cache = gen.forward("decode", [ids[n]], cache, n + 1)
+        steps.append(logits[0])
+    assert rel_max_error(np.stack(steps), expected[4:]) < TOLERANCE[name]

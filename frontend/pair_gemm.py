@@ -3,12 +3,14 @@
 A bfloat16 is the high half of a float32, so a 32-bit word holding two of them widens to two float32 with one
 instruction each: `word << 16` (the low half) and `word & 0xFFFF0000` (the high half). The weights are stored
 [out / tile, in / 2, tile, 2] (weights.paired): a 64-byte load holds 16 columns x 2 input features, and two
-float32 FMAs per load against x[2r] and x[2r + 1] broadcast. The column-tile layout, where a GEMV widens 16
-bf16 at a time from the low and the high 256 bits of a load, took three instructions per 16 weights and ran
-GPT-J-6B's decode GEMVs at 21-22 GB/s in the model against a 26-31 GB/s read; here, measured side by side on
-W_in (4096 x 28672) and W_out (20480 x 4096) with 2 threads, the GEMVs run 0-9% faster than the tuned-by-rule
-column tiles (schedules/cpu_matmul.py), the q8 VNNI GEMV's rate, and the 128-row prefill GEMMs 15-25% faster
-(150-160 GFLOP/s).
+float32 FMAs per load against x[2r] and x[2r + 1] broadcast. The column-tile layout (float32 and float16 keep
+it), where a GEMV widens 16 bf16 at a time from the low and the high 256 bits of a load, took three
+instructions per 16 weights and ran GPT-J-6B's decode GEMVs at 21-22 GB/s in the model against a 26-31 GB/s
+read. Measured on W_in (4096 x 28672) and W_out (20480 x 4096) with 2 threads, each against the column tiles'
+default schedule (schedules/cpu_matmul.py) in the same process: 8 layers of decode GEMVs 5-9% faster (median
+of interleaved rounds), each GEMV alone 0-9%, and the 128-row prefill GEMMs 15-25% faster (150-160 GFLOP/s);
+in GPT-J-6B's 128-token prefill (the column tiles at a static length), W_in's 28 calls take 5.8-6.2 s against
+6.0-7.0 s.
 
 One task per column tile (a contiguous run of the weight file), k in blocks of K_BLOCK pair rows (64 KiB of a
 64-column tile, kept in L2 while every prompt position passes over it), the positions in blocks of ROWS (4 x 64
@@ -30,8 +32,8 @@ from .config import pair_tile
 from .kernels import HAND_SCHEDULED, WEIGHT_PREFETCH_BYTES, WEIGHT_PREFETCH_LOCALITY, prefetch
 
 LANES = 16  # float32 lanes of a 512-bit register
-ROWS = 4
-K_BLOCK = 256
+ROWS = 4  # prompt positions per block
+K_BLOCK = 256  # pair rows per k block
 LOW_HALF_SHIFT = 16
 HIGH_HALF_MASK = 0xFFFF0000
 

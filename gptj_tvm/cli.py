@@ -278,11 +278,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "CPU targets only")
     p.add_argument("--no-weights", action="store_true",
                    help="build the library from config.json alone; add the weights later with convert-weights")
-    p.add_argument("--tuning-db", help="a database from `gptj-tvm tune`: tuned schedules where it has them")
+    p.add_argument("--tuning-db", help="a database from `gptj-tvm tune`: tuned schedules where it has them "
+                                       "(bfloat16: the tuned column-tile GEMMs in place of the pair kernels)")
     p.add_argument("--prefill-buckets", type=_buckets, metavar="B,B,...",
                    help="prompt lengths with a static prefill function; long prompts are prefilled in chunks "
-                        f"of them (default {','.join(map(str, PREFILL_BUCKETS))} for float CPU artifacts, else none; "
-                        "'none': one dynamic prefill), plus the tuning database's")
+                        f"of them (default {','.join(map(str, PREFILL_BUCKETS))} for float32/float16 CPU "
+                        "artifacts, else none; 'none': one dynamic prefill), plus the tuning database's")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=cmd_compile)
 
@@ -300,7 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(buckets) with MetaSchedule (XGBoost cost model) into a JSON database keyed "
                                    "by this hardware; run again with the same output to resume. Use the "
                                    "database with `compile --tuning-db`: the artifact then prefills long "
-                                   "prompts in chunks of the bucket lengths, with the tuned kernels.")
+                                   "prompts in chunks of the bucket lengths, with the tuned kernels. bfloat16 "
+                                   "CPU artifacts run hand-written GEMMs on column-pair weights by default; "
+                                   "tuning a bfloat16 model tunes the column-tile GEMMs a database then selects.")
     p.add_argument("model_dir", help="checkpoint folder (config.json; the weights are not read)")
     p.add_argument("-o", "--output", required=True, help="tuning database file (JSON) to write or resume")
     p.add_argument("--target", default="llvm", help="llvm (this host's CPU; default; the only one for now)")

@@ -9,15 +9,20 @@ import tvm
 from .database import workload_module
 
 
-def random_args(func: tvm.tirx.PrimFunc, rng: np.random.Generator, dynamic: int = 1, scalar: int = 1) -> list:
-    """Arguments for func: random tensors (symbolic dims set to `dynamic`), `scalar` for scalar parameters."""
+def random_args(func: tvm.tirx.PrimFunc, rng: np.random.Generator, dynamic: int = 1, scalar: int = 1,
+                sizes: dict[str, int] | None = None) -> list:
+    """Arguments for func: random tensors (a symbolic dim named in `sizes` set to that size, any other to
+    `dynamic`), `scalar` for scalar parameters. A kernel that indexes a dim by a scalar (the attention kernels'
+    KV cache `capacity` by `total`) needs that dim in `sizes`: it would write past a smaller tensor."""
+    sizes = sizes or {}
     args = []
     for param in func.params:
         ty = param.ty
         if not hasattr(ty, "shape"):
             args.append(scalar)
             continue
-        shape = [int(s) if isinstance(s, tvm.tirx.IntImm) else dynamic for s in ty.shape]
+        shape = [int(s) if isinstance(s, tvm.tirx.IntImm) else sizes.get(getattr(s, "name", None), dynamic)
+                 for s in ty.shape]
         dtype = str(ty.dtype)
         values = rng.standard_normal(shape) * 0.1
         args.append(tvm.runtime.tensor(values.astype(ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype)))

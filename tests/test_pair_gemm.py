@@ -87,3 +87,13 @@ def test_bfloat16_artifact_decodes_step_by_step_like_the_reference(name, artifac
         logits, cache = gen.forward("decode", [ids[n]], cache, n + 1)
         steps.append(logits[0])
     assert rel_max_error(np.stack(steps), expected[4:]) < TOLERANCE[name]
+
+
+def test_bfloat16_cpu_artifacts_pair_unless_tuned():
+    from gptj_tvm.targets.compile import variant_for
+
+    target = host_target()
+    assert variant_for(target, "bfloat16").weight_layout == COLUMN_PAIRS
+    # MetaSchedule tunes the column-tile GEMMs: a tuning database compiles those
+    assert variant_for(target, "bfloat16", tuned=True).weight_layout == COLUMN_TILES
+    assert variant_for(target, "float32").weight_layout == variant_for(target, "float16").weight_layout == COLUMN_TILES

@@ -124,7 +124,8 @@ class QuantLinear(nn.Module):
         self.vnni = vnni
         self.in_features, self.out_features = in_features, out_features
 
-    def forward_f32(self, x: nn.Tensor) -> nn.Tensor:
+    def forward_f32(self, x: nn.Tensor, residual: nn.Tensor | None = None) -> nn.Tensor:
+        """The float32 result (+ residual, float32), before rounding to the model dtype."""
         if self.vnni:
             x_q, x_scale, x_sum = quantize_activations(x)
             kernel = x86_gemm.vnni_matmul(self.in_features, self.out_features, self.scheme)
@@ -132,7 +133,8 @@ class QuantLinear(nn.Module):
                                 nn.Tensor.placeholder([1, x.shape[1], self.out_features], F32))
         else:
             y = quantized_matmul(x, self.weight, self.scale, self.scheme)
-        return y + self.bias if self.bias is not None else y
+        y = y + self.bias if self.bias is not None else y
+        return y + residual if residual is not None else y
 
     def forward(self, x: nn.Tensor) -> nn.Tensor:
         y = self.forward_f32(x)

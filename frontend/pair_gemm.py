@@ -111,6 +111,7 @@ def pair_matmul(in_features: int, out_features: int, x_dtype: str, bias: bool = 
                         T.writes(y[0, n - n % ROWS + t, tile_i * tile:tile_i * tile + tile])
                         positions(x, words, y, bias, residual, tile_i, kb, n - n % ROWS + t, 1, n < ROWS and t == 0)
 
+    # one entry per signature (TVMScript has no optional parameters); the body is gemm's
     if residual:
         @T.prim_func(private=True, s_tir=True)
         def with_residual(var_x: T.handle, weight: T.Buffer((tiles, pair_rows, tile, 2), "bfloat16"),

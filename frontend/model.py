@@ -2,9 +2,9 @@
 
 Weights are stored in the layout the kernels read (see `weights.py` for the map from Hugging Face names):
 for the CPU, linear weights are [in_features, out_features] in column tiles (bfloat16: in column pairs,
-pair_gemm.py); for GPUs, [out_features, in_features] rows (the `Variant`). No kernel transposes a weight at run time. Half-precision
-models keep the residual stream, LayerNorm statistics, rotary angles, softmax and matmul accumulation in
-float32; the model dtype is what the weights, the KV cache and the GEMMs' inputs are stored in.
+pair_gemm.py); for GPUs, [out_features, in_features] rows (the `Variant`). No kernel transposes a weight at run
+time. Half-precision models keep the residual stream, LayerNorm statistics, rotary angles, softmax and matmul
+accumulation in float32; the model dtype is what the weights, the KV cache and the GEMMs' inputs are stored in.
 
 Exported functions (each also takes the packed weights last):
     prefill(input_ids[1, n], caches, total_len)       logits of the last position, [1, 1, padded_vocab] float32
@@ -85,12 +85,17 @@ class Linear(nn.Module):
             return op.tensor_ir_op(kernel, "pair_matmul", [x, self.weight, *extra],
                                    nn.Tensor.placeholder([1, x.shape[1], self.out_features], F32))
         y = rows_matmul(x, self.weight) if self.layout == ROWS else tiled_matmul(x, self.weight)
-        y = y + self.bias if self.bias is not None else y
-        return y + residual if residual is not None else y
+        return plus_bias_and_residual(y, self.bias, residual)
 
     def forward(self, x: nn.Tensor) -> nn.Tensor:
         y = self.forward_f32(x)
         return y if self.dtype == F32 else op.astype(y, self.dtype)
+
+
+def plus_bias_and_residual(y: nn.Tensor, bias: nn.Tensor | None, residual: nn.Tensor | None) -> nn.Tensor:
+    """(y + bias) + residual, each where given: the graph's own order, which pair_gemm's write-back keeps."""
+    y = y + bias if bias is not None else y
+    return y + residual if residual is not None else y
 
 
 def tiled_matmul(x: nn.Tensor, weight: nn.Tensor) -> nn.Tensor:
@@ -133,8 +138,7 @@ class QuantLinear(nn.Module):
                                 nn.Tensor.placeholder([1, x.shape[1], self.out_features], F32))
         else:
             y = quantized_matmul(x, self.weight, self.scale, self.scheme)
-        y = y + self.bias if self.bias is not None else y
-        return y + residual if residual is not None else y
+        return plus_bias_and_residual(y, self.bias, residual)
 
     def forward(self, x: nn.Tensor) -> nn.Tensor:
         y = self.forward_f32(x)

@@ -1,4 +1,4 @@
-"""Hugging Face GPT-J checkpoints -> this project's weight layout. Needs numpy and safetensors only.
+"""Hugging Face GPT-J checkpoints -> this project's weight layout. Needs numpy and safetensors only (no torch).
 
 The name map is written out in `hf_name_map`: each of our tensors names its Hugging Face source and whether it
 is transposed (HF stores linear weights [out, in]; our kernels read [in, out]). Conversion reads one source
@@ -15,17 +15,17 @@ from typing import Callable, Iterator
 
 import ml_dtypes
 import numpy as np
-from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from gptj_tvm.errors import GptjError
 
 from . import quantization as quant
+from .checkpoint_files import CheckpointFiles
 from .config import COLUMN_PAIRS, COLUMN_TILES, ROWS, GPTJConfig, linear_layout, pair_tile, rotary_tables, weight_tile
 
 NUMPY_DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16),
                 "bfloat16": np.dtype(ml_dtypes.bfloat16)}
-SAFETENSORS_DTYPES = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16), "BF16": np.dtype(ml_dtypes.bfloat16)}
+FLOAT_DTYPES = (*NUMPY_DTYPES.values(), np.dtype(np.float64))
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 SHARD_BYTES = 1 << 30  # what conversion holds in memory before writing it out
 
@@ -116,42 +116,20 @@ def _transposed(tensor: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(tensor.T)
 
 
-def checkpoint_files(model_dir: Path) -> list[Path]:
-    """The safetensors files of a checkpoint: the shards of model.safetensors.index.json, or model.safetensors."""
-    model_dir = Path(model_dir)
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            raise GptjError(f"{index}: not a valid safetensors index ({err})") from None
-        files = [model_dir / name for name in dict.fromkeys(weight_map.values())]
-    elif (model_dir / "model.safetensors").is_file():
-        files = [model_dir / "model.safetensors"]
-    else:
-        raise GptjError(f"{model_dir}: no model.safetensors or model.safetensors.index.json")
-    for path in files:
-        if not path.is_file():
-            raise GptjError(f"{path}: shard listed in the index is missing")
-    return files
-
-
 class Checkpoint:
-    """The tensors of a HF checkpoint, checked against the config, read one at a time."""
+    """The tensors of a HF checkpoint (safetensors or PyTorch .bin), checked against the config, read one at a
+    time. The causal-mask buffers older saves store (`attn.bias`, `attn.masked_bias`) are ignored."""
 
     def __init__(self, model_dir: Path, config: GPTJConfig):
         self.config = config
-        self.location: dict[str, Path] = {}
-        shapes: dict[str, tuple[int, ...]] = {}
-        for path in checkpoint_files(model_dir):
-            try:
-                with safe_open(str(path), framework="np") as f:
-                    for name in f.keys():
-                        self.location[name] = path
-                        shapes[name] = tuple(f.get_slice(name).get_shape())
-            except (SafetensorError, OSError, ValueError) as err:
-                raise GptjError(f"{path}: not a readable safetensors file ({err})") from None
+        self.files = CheckpointFiles(model_dir)
+        shapes = {name: info.shape for name, info in self.files.tensors.items()}
+        self.ignored = sorted(name for name in shapes if name.endswith(IGNORED_SUFFIXES))
         expected = hf_tensors(config)
+        if "lm_head.weight" not in shapes:
+            saved_from = " (saved from GPTJModel, the bare transformer)" if "wte.weight" in shapes else ""
+            raise GptjError(f"{model_dir}: the checkpoint has no LM head (lm_head.weight){saved_from}; "
+                            "a GPTJForCausalLM checkpoint is needed to generate text")
         for name, shape in expected.items():
             if name not in shapes:
                 raise GptjError(f"{model_dir}: tensor {name} is missing (config has n_layer={config.n_layer})")
@@ -161,18 +139,25 @@ class Checkpoint:
         for name in shapes:
             if name not in expected and not name.endswith(IGNORED_SUFFIXES):
                 raise GptjError(f"{model_dir}: unexpected tensor {name} (does the checkpoint match config.json?)")
+        for name in expected:
+            if self.files.tensors[name].dtype not in FLOAT_DTYPES:
+                raise GptjError(f"{model_dir}: tensor {name} is {self.files.tensors[name].dtype}, not a float type")
+
+    @property
+    def dtype(self) -> str:
+        """The dtype of the checkpoint's embedding (float64 counts as float32)."""
+        dtype = self.files.tensors["transformer.wte.weight"].dtype
+        return "float32" if dtype == np.float64 else str(dtype)
+
+    def summary(self) -> dict:
+        return {"format": self.files.format, "files": len(self.files.files), "dtype": self.dtype,
+                "ignored_buffers": len(self.ignored)}
 
     def dtype_of(self, hf_name: str) -> np.dtype:
-        with safe_open(str(self.location[hf_name]), framework="np") as f:
-            return SAFETENSORS_DTYPES.get(f.get_slice(hf_name).get_dtype(), np.dtype(np.float32))
+        return self.files.tensors[hf_name].dtype
 
     def read(self, hf_name: str) -> np.ndarray:
-        path = self.location[hf_name]
-        try:
-            with safe_open(str(path), framework="np") as f:
-                return f.get_tensor(hf_name)
-        except (SafetensorError, OSError, ValueError) as err:
-            raise GptjError(f"{path}: cannot read tensor {hf_name} ({err})") from None
+        return self.files.read(hf_name)
 
     def converted(self, dtype: str, fuse_block: bool = True, layout: str = COLUMN_TILES,
                   quantization: str | None = None) -> Iterator[tuple[str, np.ndarray]]:

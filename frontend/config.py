@@ -71,9 +71,9 @@ class GPTJConfig:
     rotary_dim: int = 64
     n_inner: int | None = None
     layer_norm_epsilon: float = DEFAULT_LAYER_NORM_EPS
-    bos_token_id: int = 50256
-    eos_token_id: int = 50256
-    torch_dtype: str = "float32"
+    bos_token_id: int | None = 50256
+    eos_token_id: int | None = 50256
+    torch_dtype: str | None = "float32"  # None: the config names none (compile uses the weights' dtype)
 
     @property
     def head_dim(self) -> int:
@@ -96,12 +96,26 @@ class GPTJConfig:
             value = getattr(self, key)
             need(isinstance(value, int) and value > 0, f"{key} must be a positive integer, got {value!r}")
         need(self.n_embd % self.n_head == 0, f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
-        need(self.rotary_dim % 2 == 0 and self.rotary_dim <= self.head_dim,
-             f"rotary_dim {self.rotary_dim} must be even and at most head_dim {self.head_dim}")
+        # transformers slices the head to rotary_dim and multiplies by rotary_dim angles: larger than the head,
+        # the shapes do not broadcast and its forward fails
+        need(self.rotary_dim <= self.head_dim, f"rotary_dim {self.rotary_dim} is larger than the head "
+             f"(n_embd / n_head = {self.head_dim}); transformers cannot run this config either")
+        need(self.rotary_dim % 2 == 0, f"rotary_dim {self.rotary_dim} must be even")
         need(isinstance(self.d_ff, int) and self.d_ff > 0, "n_inner must be null or a positive integer")
-        need(0 <= self.eos_token_id < self.vocab_size, f"eos_token_id {self.eos_token_id} is outside the vocab")
-        need(self.torch_dtype in DTYPES, f"dtype {self.torch_dtype!r} is not one of {', '.join(DTYPES)}")
+        for key in ("bos_token_id", "eos_token_id"):
+            value = getattr(self, key)
+            need(value is None or isinstance(value, int), f"{key} must be an integer or null, got {value!r}")
+        need(self.torch_dtype is None or self.torch_dtype in DTYPES,
+             f"dtype {self.torch_dtype!r} is not one of {', '.join(DTYPES)}")
         return self
+
+    def warnings(self) -> list[str]:
+        """What transformers accepts with a warning: an eos the model cannot output (generation then ends at
+        the length limit or another stop id)."""
+        eos = self.eos_token_id
+        if eos is not None and not 0 <= eos < self.vocab_size:
+            return [f"eos_token_id {eos} is outside the vocab ({self.vocab_size} tokens): that token never comes out"]
+        return []
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -116,9 +130,13 @@ class GPTJConfig:
         if raw.get("tie_word_embeddings", False):
             raise GptjError("config.json: tie_word_embeddings is true, but GPT-J's lm_head is its own tensor")
         fields = {f.name for f in dataclasses.fields(cls)}
+        # keys transformers does not use for GPT-J (`rotary`, `task_specific_params`, BERT-style keys in tiny
+        # test configs) are ignored, as it ignores them
         known = {k: v for k, v in raw.items() if k in fields and k != "torch_dtype"}
-        dtype = raw.get("dtype") or raw.get("torch_dtype") or "float32"
-        return cls(**known, torch_dtype=str(dtype)).validate()
+        if known.get("rotary_dim", 0) is None:  # transformers rotates the whole head
+            known["rotary_dim"] = int(raw["n_embd"]) // int(raw["n_head"])
+        dtype = raw.get("dtype") or raw.get("torch_dtype")
+        return cls(**known, torch_dtype=str(dtype) if dtype else None).validate()
 
     @classmethod
     def from_file(cls, path: Path) -> "GPTJConfig":
@@ -158,7 +176,7 @@ class GPTJConfig:
             "layer_norm_epsilon": self.layer_norm_epsilon,
             "bos_token_id": self.bos_token_id,
             "eos_token_id": self.eos_token_id,
-            "torch_dtype": self.torch_dtype,
+            **({"torch_dtype": self.torch_dtype} if self.torch_dtype else {}),
         }
 
 

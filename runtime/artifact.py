@@ -4,7 +4,7 @@
       metadata.json            format version, config, dtype, target, TVM version, host ISA, weight hashes
       model.so                 the compiled library (export_library)
       params-0000N.safetensors the converted weights, in the compile dtype and the kernels' layout
-      vocab.json, merges.txt   the GPT-2 byte-level BPE tokenizer
+      tokenizer.json           the checkpoint's tokenizer (GPT-2's byte-level BPE with its added tokens)
 
 A compile writes into a temporary sibling folder (gptj_tvm.files.staging_dir) and renames it into place at
 the end, so an interrupted compile leaves nothing that looks like an artifact.
@@ -19,10 +19,10 @@ from pathlib import Path
 from gptj_tvm.errors import GptjError
 from gptj_tvm.targets.host import isa_features
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: tokenizer.json (added tokens) and stop_token_ids, where 1 had vocab.json/merges.txt
 METADATA = "metadata.json"
 LIBRARY = "model.so"
-VOCAB, MERGES = "vocab.json", "merges.txt"
+TOKENIZER = "tokenizer.json"
 
 
 def file_sha256(path: Path) -> str:
@@ -42,7 +42,7 @@ def check_replaceable(out_dir: Path) -> None:
 
 def write_metadata(folder: Path, *, config: dict, dtype: str, target: dict, device: str, tvm_version: str,
                    params: list[str], weight_files: list[str] | None, functions: list[str],
-                   extra: dict | None = None):
+                   stop_token_ids: list[int], extra: dict | None = None):
     """weight_files None: an artifact compiled without weights (`compile --no-weights`), which
     `convert-weights` completes."""
     meta = {
@@ -56,7 +56,8 @@ def write_metadata(folder: Path, *, config: dict, dtype: str, target: dict, devi
         "library": LIBRARY,
         "functions": functions,
         "params": params,
-        "tokenizer": {"vocab": VOCAB, "merges": MERGES},
+        "tokenizer": TOKENIZER,
+        "stop_token_ids": stop_token_ids,  # generation ends at any of these (eos, a fine-tune's end marker)
         **(extra or {}),
     }
     return save_metadata(folder, meta, weight_files)
@@ -109,6 +110,6 @@ def check_compatible(meta: dict, folder: Path, tvm_version: str) -> None:
         if weight.stat().st_size != info["bytes"]:
             raise GptjError(f"{weight}: {weight.stat().st_size} bytes, the artifact says {info['bytes']} "
                             "(truncated or replaced)")
-    for name in (meta["library"], meta["tokenizer"]["vocab"], meta["tokenizer"]["merges"]):
+    for name in (meta["library"], meta["tokenizer"]):
         if not (folder / name).is_file():
             raise GptjError(f"{folder / name}: missing from the artifact")

@@ -20,7 +20,7 @@ from gptj_tvm.errors import GptjError
 
 from . import artifact
 from .sampling import next_token
-from .tokenizer import GPT2Tokenizer
+from .tokenizer import ArtifactTokenizer
 
 DEVICES = {"cpu": tvm.cpu, "cuda": tvm.cuda, "vulkan": lambda index=0: tvm.runtime.device("webgpu", index)}
 
@@ -35,12 +35,13 @@ class Generation:
 
 
 class Generator:
-    def __init__(self, folder: Path, meta: dict, vm: VirtualMachine, device, params, tokenizer: GPT2Tokenizer):
+    def __init__(self, folder: Path, meta: dict, vm: VirtualMachine, device, params, tokenizer: ArtifactTokenizer):
         self.folder = folder
         self.meta = meta
         self.config = meta["config"]
         self.context = int(self.config["n_positions"])
-        self.eos_token_id = int(self.config["eos_token_id"])
+        # eos and, for some fine-tunes, their end marker (Dolly's `### End`)
+        self.stop_token_ids = frozenset(int(i) for i in meta["stop_token_ids"])
         self.vocab_size = int(self.config["vocab_size"])
         self.device = device
         self.tokenizer = tokenizer
@@ -72,7 +73,7 @@ class Generator:
         # every size it saw (each prompt length), which a 24 GB machine running a 12 GB model cannot spare
         vm = VirtualMachine(lib, dev, memory_cfg="naive" if kind == "cpu" else "pooled")
         params = load_params(folder, meta, dev, sizes)
-        tokenizer = GPT2Tokenizer(folder / meta["tokenizer"]["vocab"], folder / meta["tokenizer"]["merges"])
+        tokenizer = ArtifactTokenizer(folder / meta["tokenizer"])
         return cls(folder, meta, vm, dev, params, tokenizer)
 
     # -- the model -------------------------------------------------------------------------------------
@@ -159,7 +160,7 @@ class Generator:
             token = next_token(last, rng, temperature, top_k, top_p)
             yield token
             total += 1
-            if token == self.eos_token_id or step == max_new_tokens - 1 or total >= self.context:
+            if token in self.stop_token_ids or step == max_new_tokens - 1 or total >= self.context:
                 return
             start = time.perf_counter()
             logits, cache = self.forward("decode", [token], cache, total)
@@ -177,7 +178,7 @@ class Generator:
         emitted = 0
         for token in self._token_stream(prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, result.stats):
             result.ids.append(token)
-            if token == self.eos_token_id:
+            if token in self.stop_token_ids:
                 result.finish_reason = "eos"
                 break
             text = self.tokenizer.decode(result.ids)

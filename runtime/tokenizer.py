@@ -1,36 +1,27 @@
-"""GPT-2's byte-level BPE (GPT-J's tokenizer), through the `tokenizers` package."""
+"""The artifact's tokenizer (tokenizer.json, written by compile from the checkpoint's files), through the
+`tokenizers` package."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer
 
 from gptj_tvm.errors import GptjError
 
-END_OF_TEXT = "<|endoftext|>"
 
-
-class GPT2Tokenizer:
-    def __init__(self, vocab_path: Path, merges_path: Path):
+class ArtifactTokenizer:
+    def __init__(self, path: Path):
         try:
-            vocab = json.loads(Path(vocab_path).read_text(encoding="utf-8"))
-            lines = Path(merges_path).read_text(encoding="utf-8").splitlines()
-        except (OSError, ValueError) as err:
-            raise GptjError(f"tokenizer files unreadable ({err})") from None
-        merges = [tuple(line.split(" ")) for line in lines if line and not line.startswith("#version")]
-        bpe = Tokenizer(models.BPE(vocab, merges))
-        bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        bpe.decoder = decoders.ByteLevel()
-        bpe.add_special_tokens([AddedToken(END_OF_TEXT, special=True)])
-        self._tokenizer = bpe
-        self.vocab_size = bpe.get_vocab_size(with_added_tokens=True)
+            self._tokenizer = Tokenizer.from_file(str(path))
+        except Exception as err:  # noqa: BLE001  (tokenizers raises a bare Exception for a bad file)
+            raise GptjError(f"{path}: not a readable tokenizer ({err})") from None
 
     def encode(self, text: str) -> list[int]:
         return self._tokenizer.encode(text).ids
 
     def decode(self, ids: list[int]) -> str:
-        """Text of ids; ids the tokenizer lacks (GPT-J's padded rows 50257..50399) decode to nothing."""
-        known = [i for i in ids if 0 <= i < self.vocab_size]
+        """Text of ids without the special tokens; ids the tokenizer lacks (the rows GPT-J pads its vocab with
+        where a checkpoint has no added tokens for them) decode to nothing."""
+        known = [i for i in ids if i >= 0 and self._tokenizer.id_to_token(i) is not None]
         return self._tokenizer.decode(known, skip_special_tokens=True)

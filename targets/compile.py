@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -21,7 +20,8 @@ from gptj_tvm.errors import GptjError
 from gptj_tvm.files import staging_dir
 from gptj_tvm.frontend.config import COLUMN_PAIRS, DTYPES, PREFILL_BUCKETS, ROWS, GPTJConfig
 from gptj_tvm.frontend.quantization import check_scheme
-from gptj_tvm.frontend.random_checkpoint import packaged_tokenizer_dir
+from gptj_tvm.frontend.checkpoint_files import CheckpointFiles
+from gptj_tvm.frontend.hf_tokenizer import build_tokenizer, stop_token_ids
 from gptj_tvm.frontend.weights import Checkpoint
 from gptj_tvm.ir import pipeline
 from gptj_tvm.runtime import artifact
@@ -90,15 +90,6 @@ def build_library(config: GPTJConfig, dtype: str, target: tvm.target.Target, out
     return param_names, report, calls
 
 
-def tokenizer_files(model_dir: Path) -> tuple[Path, Path]:
-    """The checkpoint's vocab.json/merges.txt, or the GPT-2 files shipped with the package (GPT-J's own)."""
-    vocab, merges = model_dir / "vocab.json", model_dir / "merges.txt"
-    if vocab.is_file() and merges.is_file():
-        return vocab, merges
-    shipped = packaged_tokenizer_dir()
-    return shipped / "encoder.json", shipped / "vocab.bpe"
-
-
 def open_tuning_db(path, target: tvm.target.Target, dtype: str):
     """(the tuning database as a MetaSchedule database, its prefill buckets), or (None, ()) with a warning if
     it was made elsewhere."""
@@ -120,13 +111,26 @@ def prepare(model_dir, target: str, dtype: str | None,
     if not model_dir.is_dir():
         raise GptjError(f"{model_dir}: no such checkpoint folder")
     config = GPTJConfig.from_file(model_dir / "config.json")
-    dtype = dtype or config.torch_dtype
+    for warning in config.warnings():
+        print(f"warning: config.json: {warning}", file=sys.stderr)
+    dtype = dtype or config.torch_dtype or weights_dtype(model_dir)
     if dtype not in DTYPES:
         raise GptjError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     tvm_target = resolve_target(target, arch)
     if tvm_target.kind.name == "webgpu":
         vulkan.check_dtype(dtype)
     return model_dir, config, dtype, tvm_target
+
+
+def weights_dtype(model_dir: Path) -> str:
+    """The dtype of a checkpoint's weights (its embedding's), for a config that names none; float32 (what
+    transformers loads by default) where the folder has no weights yet."""
+    try:
+        files = CheckpointFiles(model_dir)
+    except GptjError:
+        return "float32"
+    info = files.tensors.get("transformer.wte.weight")
+    return str(info.dtype) if info is not None and str(info.dtype) in DTYPES else "float32"
 
 
 def tune_model(model_dir, out, target: str = "llvm", dtype: str | None = None, fuse_block: bool = True,
@@ -182,7 +186,7 @@ def compile_model(model_dir, out_dir, target: str = "llvm", dtype: str | None = 
         variant = dataclasses.replace(variant, quantization=quantization, vnni=vnni)
     variant = variant or variant_for(tvm_target, dtype, tuned is not None)
     checkpoint = Checkpoint(model_dir, config) if weights else None  # checks names and shapes before long work
-    vocab, merges = tokenizer_files(model_dir)
+    tokenizer, tokenizer_info = build_tokenizer(model_dir)
     if prefill_buckets is None and (is_gpu(tvm_target) or variant.quantization
                                     or variant.weight_layout == COLUMN_PAIRS):
         # CPU float GEMMs in column tiles (schedules/cpu_matmul.py) run prefill 1.7x faster on static lengths
@@ -199,10 +203,10 @@ def compile_model(model_dir, out_dir, target: str = "llvm", dtype: str | None = 
                                                    fuse_block, tuned, variant, buckets)
             bar.update()
         timings = {"library_s": time.perf_counter() - start}
-        shutil.copyfile(vocab, staging / artifact.VOCAB)
-        shutil.copyfile(merges, staging / artifact.MERGES)
+        tokenizer.save(str(staging / artifact.TOKENIZER))
         meta = dict(config=config.to_dict(), dtype=dtype, target=json.loads(str(tvm_target)),
                     device=device_name(tvm_target), tvm_version=tvm.__version__, params=params,
+                    stop_token_ids=stop_token_ids(model_dir, config, tokenizer),
                     functions=["prefill", "prefill_all", "decode", *(bucket_function(b) for b in buckets)],
                     extra={"fuse_block": fuse_block, "weight_layout": variant.weight_layout,
                            "quantization": variant.quantization,
@@ -212,6 +216,8 @@ def compile_model(model_dir, out_dir, target: str = "llvm", dtype: str | None = 
                            "device_features": vulkan.required_features(dtype) if device_name(tvm_target) == "vulkan"
                            else [],
                            "tuning_db": str(tuning_db) if tuned is not None else None,
+                           # what compile read: weight format, files, dtype, buffers ignored; the tokenizer's files
+                           "source": {**(checkpoint.summary() if checkpoint else {}), "tokenizer": tokenizer_info},
                            # the runtime prefills a prompt in chunks of these lengths (largest first)
                            "prefill_buckets": {str(b): bucket_function(b) for b in buckets}})
         files = None

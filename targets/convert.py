@@ -45,7 +45,7 @@ def convert_weights(model_dir, artifact_dir, progress: bool = True) -> dict:
                         "compile this checkpoint instead")
     checkpoint = Checkpoint(model_dir, config)
     with staging_dir(artifact_dir) as staging:
-        for name in (meta["library"], meta["tokenizer"]["vocab"], meta["tokenizer"]["merges"]):
+        for name in (meta["library"], meta["tokenizer"]):
             shutil.copy2(artifact_dir / name, staging / name)
         files, seconds = write_weights(checkpoint, meta, staging, progress)
         timings = {**meta.get("compile_timings", {}), "weights_s": seconds}

@@ -55,7 +55,7 @@ def test_eos_ends_generation(artifact, tmp_path):
     shutil.copytree(artifact("tiny"), folder)
     greedy = gptj_tvm.load(folder).generate(PROMPT, max_new_tokens=10).ids
     meta = json.loads((folder / "metadata.json").read_text())
-    meta["config"]["eos_token_id"] = greedy[3]  # eos is a runtime setting: make the 4th greedy token the eos
+    meta["stop_token_ids"] = [greedy[3]]  # a runtime setting: make the 4th greedy token the eos
     (folder / "metadata.json").write_text(json.dumps(meta))
     out = gptj_tvm.load(folder).generate(PROMPT, max_new_tokens=10)
     assert out.finish_reason == "eos"

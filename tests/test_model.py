@@ -84,7 +84,8 @@ def test_greedy_generation_equals_numpy_greedy(name, variant, generator, referen
     ids = prompt_for(gen)[:6]
     out = gen.generate(ids, max_new_tokens=10, temperature=0)
     expected = reference(name).greedy(ids, 10)
-    stop_at = expected.index(gen.eos_token_id) + 1 if gen.eos_token_id in expected else len(expected)
+    ends = [i for i, token in enumerate(expected) if token in gen.stop_token_ids]
+    stop_at = ends[0] + 1 if ends else len(expected)
     assert out.ids == expected[:stop_at]
     assert out.prompt_ids == ids
 

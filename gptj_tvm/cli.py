@@ -41,6 +41,7 @@ def cmd_init_random(args) -> int:
     with tqdm(total=len(hf_tensors(config)), desc="write random checkpoint", unit="tensor",
               disable=args.quiet) as bar:
         write_random_checkpoint(Path(args.dir), config, seed=args.seed, shard_bytes=args.shard_mb << 20,
+                                weights_format=args.format,
                                 on_tensor=lambda _name: bar.update())
     if not args.quiet:
         print(f"wrote a random GPT-J ({config.n_layer} layers, d {config.n_embd}, {config.torch_dtype}) "
@@ -60,12 +61,24 @@ def cmd_compile(args) -> int:
         tuned = kinds.count("tuned")
         print(f"schedules: {tuned} kernels tuned, {len(kinds) - tuned} default or hand-written")
     if not args.quiet:
+        print(_describe_source(meta["source"]))
         timings = meta["compile_timings"]
         weights = (f"weights {timings['weights_s']:.1f} s" if "weights_s" in timings else
                    f"no weights yet (gptj-tvm convert-weights {args.model_dir} {args.output})")
         print(f"compiled {args.model_dir} -> {args.output} ({meta['dtype']}, {_target_name(meta['target'])}): "
               f"library {timings['library_s']:.1f} s, {weights}")
     return 0
+
+
+def _describe_source(source: dict) -> str:
+    tokenizer = source["tokenizer"]
+    added = f", {tokenizer['added_tokens']} added tokens" if tokenizer["added_tokens"] else ""
+    if "format" not in source:
+        return f"read config.json (no weights); tokenizer from {tokenizer['source']}{added}"
+    files = f"{source['files']} file{'s' if source['files'] > 1 else ''}"
+    ignored = f", {source['ignored_buffers']} stored mask buffers ignored" if source["ignored_buffers"] else ""
+    return (f"read {source['format']} weights ({files}, {source['dtype']}){ignored}; "
+            f"tokenizer from {tokenizer['source']}{added}")
 
 
 def _target_name(target: dict) -> str:
@@ -256,13 +269,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, help="storage dtype (default: the preset's)")
     p.add_argument("--shard-mb", type=int, default=2048, help="largest shard in MiB (default 2048)")
+    p.add_argument("--format", choices=("safetensors", "pytorch"), default="safetensors",
+                   help="weight files: safetensors (default) or pytorch_model.bin as torch.save writes it, with "
+                        "the causal-mask buffers older saves hold")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=cmd_init_random)
 
     p = sub.add_parser("compile", help="compile a GPT-J checkpoint into an artifact folder",
                        description="Compile a Hugging Face GPT-J checkpoint for a target; write an artifact "
                                    "folder (library, converted weights, tokenizer, metadata).")
-    p.add_argument("model_dir", help="checkpoint folder (config.json, *.safetensors)")
+    p.add_argument("model_dir", help="checkpoint folder (config.json, *.safetensors or pytorch_model*.bin, "
+                                     "tokenizer files)")
     p.add_argument("-o", "--output", required=True, help="artifact folder to write")
     p.add_argument("--target", default="llvm",
                    help="llvm (this host's CPU; default), cuda (NVIDIA GPUs; device code built here with nvcc) "
@@ -291,7 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Convert a checkpoint's weights into an artifact made by `compile --no-weights` "
                                    "(same config); needs numpy and safetensors only, so it runs where only TVM's "
                                    "runtime is installed.")
-    p.add_argument("model_dir", help="checkpoint folder (config.json, *.safetensors)")
+    p.add_argument("model_dir", help="checkpoint folder (config.json, *.safetensors or pytorch_model*.bin, "
+                                     "tokenizer files)")
     p.add_argument("artifact", help="artifact folder made by `gptj-tvm compile`")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=cmd_convert_weights)

@@ -1,6 +1,6 @@
 """An independent GPT-J in numpy, written from GPTJ-MATH.md (not from the code under test).
 
-It reads the Hugging Face checkpoint itself (config.json and the safetensors files, HF names, [out, in]
+It reads the Hugging Face checkpoint itself (config.json and the weight files, HF names, [out, in]
 weights) and computes in float64 from the checkpoint's values (half-precision weights are widened exactly).
 """
 
@@ -15,16 +15,30 @@ from safetensors import safe_open
 
 
 def load_checkpoint(model_dir) -> tuple[dict, dict[str, np.ndarray]]:
+    """config.json and every weight as float64: safetensors through safetensors, pytorch_model*.bin through
+    torch.load (torch is the independent reader of its own format)."""
     model_dir = Path(model_dir)
     config = json.loads((model_dir / "config.json").read_text())
-    index = model_dir / "model.safetensors.index.json"
-    files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists()
-             else ["model.safetensors"])
     weights = {}
-    for name in files:
-        with safe_open(str(model_dir / name), framework="np") as f:
-            for key in f.keys():
-                weights[key] = f.get_tensor(key).astype(np.float64)
+    for index, single in (("model.safetensors.index.json", "model.safetensors"),
+                          ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        if (model_dir / index).exists():
+            files = sorted(set(json.loads((model_dir / index).read_text())["weight_map"].values()))
+        elif (model_dir / single).exists():
+            files = [single]
+        else:
+            continue
+        for name in files:
+            if name.endswith(".bin"):
+                import torch  # noqa: PLC0415  (only the .bin fixtures need it)
+
+                for key, tensor in torch.load(model_dir / name, weights_only=True).items():
+                    weights[key] = tensor.to(torch.float64).numpy()
+                continue
+            with safe_open(str(model_dir / name), framework="np") as f:
+                for key in f.keys():
+                    weights[key] = f.get_tensor(key).astype(np.float64)
+        break
     return config, weights
 
 

@@ -79,6 +79,13 @@ class CheckpointFiles:
             except (SafetensorError, OSError, ValueError) as err:
                 raise GptjError(f"{path}: not a readable safetensors file ({err})") from None
 
+    @property
+    def dtype(self) -> str:
+        """The dtype of the weights, as the embedding has it: float64 counts as float32, which is also what a
+        checkpoint without an embedding is taken for (the config check names what is missing)."""
+        info = self.tensors.get("transformer.wte.weight")
+        return str(info.dtype) if info is not None and info.dtype != np.float64 else "float32"
+
     def read(self, name: str) -> np.ndarray:
         path = self.tensors[name].path
         if self.format == PYTORCH:

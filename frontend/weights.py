@@ -8,7 +8,6 @@ model is never held twice in memory.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -143,14 +142,8 @@ class Checkpoint:
             if self.files.tensors[name].dtype not in FLOAT_DTYPES:
                 raise GptjError(f"{model_dir}: tensor {name} is {self.files.tensors[name].dtype}, not a float type")
 
-    @property
-    def dtype(self) -> str:
-        """The dtype of the checkpoint's embedding (float64 counts as float32)."""
-        dtype = self.files.tensors["transformer.wte.weight"].dtype
-        return "float32" if dtype == np.float64 else str(dtype)
-
     def summary(self) -> dict:
-        return {"format": self.files.format, "files": len(self.files.files), "dtype": self.dtype,
+        return {"format": self.files.format, "files": len(self.files.files), "dtype": self.files.dtype,
                 "ignored_buffers": len(self.ignored)}
 
     def dtype_of(self, hf_name: str) -> np.dtype:

@@ -126,11 +126,9 @@ def weights_dtype(model_dir: Path) -> str:
     """The dtype of a checkpoint's weights (its embedding's), for a config that names none; float32 (what
     transformers loads by default) where the folder has no weights yet."""
     try:
-        files = CheckpointFiles(model_dir)
+        return CheckpointFiles(model_dir).dtype
     except GptjError:
         return "float32"
-    info = files.tensors.get("transformer.wte.weight")
-    return str(info.dtype) if info is not None and str(info.dtype) in DTYPES else "float32"
 
 
 def tune_model(model_dir, out, target: str = "llvm", dtype: str | None = None, fuse_block: bool = True,

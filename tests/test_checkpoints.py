@@ -197,8 +197,10 @@ def test_tokenizer_json_is_used_when_present(fixtures, compiled, tmp_path):
         assert gen.tokenizer.encode(text) == fast(text)["input_ids"]
 
 
-def test_generation_ends_at_the_end_marker(compiled):
-    gen = gptj_tvm.load(compiled("dolly"))
+@pytest.mark.parametrize("dtype", ["float32", None])  # None: Dolly's own bfloat16 (column-pair GEMMs)
+def test_generation_ends_at_the_end_marker(compiled, dtype):
+    gen = gptj_tvm.load(compiled("dolly", dtype))
+    assert gen.meta["dtype"] == (dtype or "bfloat16")
     assert 50400 in gen.stop_token_ids and 50256 in gen.stop_token_ids
     out = gen.generate("### Instruction:\nSay hi\n\n### Response:\n", max_new_tokens=8)
     assert out.ids == [50400] and out.finish_reason == "eos" and out.text == ""

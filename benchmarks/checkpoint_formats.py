@@ -13,13 +13,14 @@ its own process: wall seconds and that process's peak RSS (from wait4). GPT-J-6B
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from report import write_result  # benchmarks/report.py (a script's folder is on its path)
 
 FORMATS = ("safetensors", "pytorch")
 
@@ -88,10 +89,7 @@ def main(argv=None) -> int:
     ratio = [b["seconds"] / a["seconds"] for a, b in zip(rows["safetensors"], rows["pytorch"])]
     result["pytorch_over_safetensors_seconds"] = ratio
     print(f"pytorch / safetensors time, per round: {', '.join(f'{r:.2f}' for r in ratio)}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
+    write_result(result, args.out)
     return 0
 
 

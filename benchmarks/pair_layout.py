@@ -15,11 +15,9 @@ Run it with nothing else on the machine.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
-from pathlib import Path
 
 import ml_dtypes
 import numpy as np
@@ -36,6 +34,9 @@ from gptj_tvm.frontend.weights import paired, tiled  # noqa: E402
 from gptj_tvm.schedules.cpu_matmul import CPUMatmul  # noqa: E402
 from gptj_tvm.targets.bandwidth import read_bandwidth  # noqa: E402
 from gptj_tvm.targets.llvm import host_target  # noqa: E402
+
+from report import write_result  # benchmarks/report.py (a script's folder is on its path)
+
 
 SHAPES = {"W_in": (4096, 28672), "W_out": (20480, 4096)}
 PREFILL_ROWS = 128
@@ -147,10 +148,7 @@ def main(argv=None) -> int:
     for s, r in result["prefill"].items():
         print(f"| {s} | {r['tiles_ms']:.1f} | {r['pairs_ms']:.1f} | {r['tiles_gflop_s']:.0f} | "
               f"{r['pairs_gflop_s']:.0f} |")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
+    write_result(result, args.out)
     return 0
 
 

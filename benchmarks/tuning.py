@@ -15,7 +15,6 @@ block in float32 with its BLAS. Tuning resumes from --db. Run it with nothing el
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -40,6 +39,9 @@ from gptj_tvm.schedules.tune import gemm_tasks, tune  # noqa: E402
 from gptj_tvm.targets.compile import export_model  # noqa: E402
 from gptj_tvm.targets.llvm import host_target  # noqa: E402
 from gptj_tvm.targets.resolve import tuning_fingerprint  # noqa: E402
+
+from report import write_result  # benchmarks/report.py (a script's folder is on its path)
+
 
 CONTEXT = 128
 
@@ -166,10 +168,7 @@ def main(argv=None) -> int:
     print("other block kernels (ms): " + ", ".join(f"{k} {v:.3f}" for k, v in others.items()))
     print(f"one decode block: tuned {tuned_block:.2f} ms, numpy float32 + BLAS "
           f"{result['numpy_float32_block_ms']:.2f} ms")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
+    write_result(result, args.out)
     return 0
 
 

@@ -13,7 +13,6 @@ Set TVM_NUM_THREADS (the CLI defaults it to every core); nothing else should run
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -24,13 +23,13 @@ import numpy as np
 
 os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
 
-import tvm  # noqa: E402
 
 from gptj_tvm.frontend.random_checkpoint import make_config, write_random_checkpoint  # noqa: E402
 from gptj_tvm.runtime.engine import Generator  # noqa: E402
 from gptj_tvm.runtime.inspect import inspect_artifact  # noqa: E402
-from gptj_tvm.runtime.profiler import record_calls  # noqa: E402
 from gptj_tvm.targets.compile import compile_model  # noqa: E402
+
+from report import write_result  # benchmarks/report.py (a script's folder is on its path)
 
 
 LAYERS = 2
@@ -60,15 +59,13 @@ def measure(folder: Path, context: int, steps: int) -> dict:
     for step in range(steps):
         cache = gen.new_cache()
         _, cache = gen.forward("prefill", prompt, cache, len(prompt))
-        token = tvm.runtime.tensor(np.array([[11 + step]], dtype=np.int32))
-        total = tvm.runtime.ShapeTuple([context])
         start = time.perf_counter()
-        gen._vm["decode"](token, cache, total, gen._params)
+        gen.forward("decode", [11 + step], cache, context)
         step_ms.append(1e3 * (time.perf_counter() - start))
         _, cache = gen.forward("prefill", prompt, gen.new_cache(), len(prompt))
-        _, calls = record_calls(gen._vm, "decode", token, cache, total, gen._params)
+        calls = gen.profile("decode", [11 + step], cache, context)
         layers = report["n_layer"]
-        in_block = [(name, sec) for name, sec in calls if name in block_kernels]
+        in_block = [(name, sec) for name, sec, _ in calls if name in block_kernels]
         block_ms.append(1e3 * sum(sec for _, sec in in_block) / layers)
         step_kernels: dict[str, float] = {}
         for name, sec in in_block:
@@ -114,10 +111,7 @@ def main(argv=None) -> int:
               f"{row['decode_step_ms']:29.2f}")
         for name, ms in sorted(row["kernel_ms"].items(), key=lambda kv: -kv[1]):
             print(f"    {name:50s} {ms:8.3f} ms")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
+    write_result(result, args.out)
     return 0
 
 

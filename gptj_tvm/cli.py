@@ -107,7 +107,23 @@ def cmd_tune(args) -> int:
     print(f"{args.output}: {summary['tuned']} tasks tuned, {summary['resumed']} already there, "
           f"{summary['skipped_for_time']} left for lack of time, of {summary['tasks']} "
           f"({summary['seconds']:.0f} s)")
+    print(_describe_tuning(summary["tuned_vs_default"]))
     return 0
+
+
+def _describe_tuning(comparison: dict) -> str:
+    """tune's closing line: what compile --tuning-db would change, per token, measured interleaved."""
+    if not comparison:
+        return "what it changes: nothing here (no tuned kernel beats its default schedule)"
+    parts = []
+    for phase, c in comparison.items():
+        ms_a, ms_b = c["a_median"], c["b_median"]
+        advice = ("worth using" if c["ratio_range"][1] < 1.0 else "costs time: compile without it"
+                  if c["ratio_range"][0] > 1.0 else "no clear difference")
+        parts.append(f"{phase} GEMMs ({c['kernels']} kernels) {ms_b:.3f} ms per token tuned vs {ms_a:.3f} default, "
+                     f"{c['ratio_median']:.2f}x (rounds {c['ratio_range'][0]:.2f}-{c['ratio_range'][1]:.2f}): "
+                     f"{advice}")
+    return "what it changes, interleaved: " + "; ".join(parts)
 
 
 def _buckets(text: str) -> tuple[int, ...]:
@@ -199,13 +215,24 @@ def cmd_inspect(args) -> int:
 
 def cmd_bench(args) -> int:
     _ensure_threads()
-    _runtime_library_only(args.artifact)  # a bad artifact fails here, before the bandwidth is measured
-    from .runtime.bench import add_bound, run_bench, table  # noqa: PLC0415
+    if len(args.artifacts) > 2:
+        raise GptjError(f"bench takes one artifact, or two to compare (A B), not {len(args.artifacts)}")
+    for folder in args.artifacts:
+        _runtime_library_only(folder)  # a bad artifact fails here, before the bandwidth is measured
+    if len(args.artifacts) == 2:
+        from .runtime.ab import run_ab, table  # noqa: PLC0415
+
+        result = run_ab(*args.artifacts, rounds=args.rounds, bandwidth=not args.no_bandwidth,
+                        progress=not args.json)
+        print(json.dumps(result, indent=2) if args.json else table(result))
+        return 0
+    from .runtime.bench import add_bound, read_bandwidth, run_bench, table  # noqa: PLC0415
+
     # measured before and after the runs, the best of the two: other tenants of a machine come and go
-    bandwidth = None if args.no_bandwidth else _read_bandwidth()
-    result = run_bench(args.artifact, None, progress=not args.json)
+    bandwidth = None if args.no_bandwidth else read_bandwidth()
+    result = run_bench(args.artifacts[0], progress=not args.json)
     if bandwidth is not None:
-        samples = [b for b in (bandwidth, _read_bandwidth()) if b]
+        samples = [b for b in (bandwidth, read_bandwidth()) if b]
         add_bound(result, max(samples), samples)
     if args.json:
         print(json.dumps(result, indent=2))
@@ -214,18 +241,6 @@ def cmd_bench(args) -> int:
         if bandwidth is None and not args.no_bandwidth:
             print("(no bound: the bandwidth is measured with a TVM-compiled kernel, and this TVM has no compiler)")
     return 0
-
-
-def _read_bandwidth() -> float | None:
-    """Read bandwidth with every thread, measured in a child process (its 4 GiB buffer stays out of our RSS)."""
-    import subprocess  # noqa: PLC0415
-
-    env = {k: v for k, v in os.environ.items() if k != "TVM_USE_RUNTIME_LIB"}  # it compiles its kernel
-    done = subprocess.run([sys.executable, "-m", "gptj_tvm.targets.bandwidth", "--json"], capture_output=True,
-                          text=True, check=False, env=env)
-    if done.returncode != 0:
-        return None
-    return float(json.loads(done.stdout.strip().splitlines()[-1])["read_bandwidth"])
 
 
 def cmd_demo(args) -> int:
@@ -370,11 +385,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "artifact's device is missing)")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("bench", help="prefill and decode speed, load time and peak RSS, next to the bandwidth bound",
+    p = sub.add_parser("bench", help="prefill and decode speed, load time and peak RSS, next to the bandwidth bound; "
+                                     "or two artifacts A/B, round by round",
                        description="Time an artifact here: prefill tokens/s (128- and 512-token prompts), decode "
                                    "ms/token at context 128 and 1024, load time, peak RSS, weight bytes, and the "
-                                   "bound (weight bytes / read bandwidth measured in the same run).")
-    p.add_argument("artifact", help="artifact folder made by `gptj-tvm compile`")
+                                   "bound (the bytes a decode step reads, per kernel too, / read bandwidth "
+                                   "measured in the same run). With two artifacts of one model (A B): both timed "
+                                   "round by round in one process (or alternating processes where memory cannot "
+                                   "hold both), a bandwidth read before each round, the ratio B/A per round and "
+                                   "whether its range lets the difference be called.")
+    p.add_argument("artifacts", nargs="+", metavar="ARTIFACT",
+                   help="artifact folder made by `gptj-tvm compile`; two to compare them (A B)")
+    p.add_argument("--rounds", type=int, default=5, help="A/B rounds (default 5)")
     p.add_argument("--json", action="store_true", help="one JSON object instead of the table")
     p.add_argument("--no-bandwidth", action="store_true", help="skip measuring the bandwidth (no bound)")
     p.set_defaults(func=cmd_bench)

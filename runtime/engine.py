@@ -19,6 +19,7 @@ from tvm.runtime.vm import VirtualMachine
 from gptj_tvm.errors import GptjError
 
 from . import artifact
+from .profiler import record_calls
 from .sampling import next_token
 from .tokenizer import ArtifactTokenizer
 
@@ -102,6 +103,19 @@ class Generator:
                 pieces.append((function, bucket))
                 n -= bucket
         return pieces + ([("prefill", n)] if n else [])
+
+    @property
+    def weights(self) -> dict:
+        """The loaded weights by name (TVM tensors on the device), in the order the compiled functions take them."""
+        return dict(zip(self.meta["params"], self._params))
+
+    def profile(self, function: str, ids: Sequence[int], cache, total: int, measure=None) -> list[tuple]:
+        """Runs `function` once on ids with TVM's kernel profiler hook: [(kernel or builtin, seconds,
+        measure(name, call arguments) or None), ...] in call order (runtime/profiler.py)."""
+        tokens = tvm.runtime.tensor(np.asarray(ids, dtype=np.int32).reshape(1, -1), self.device)
+        _, calls = record_calls(self._vm, function, tokens, cache, tvm.runtime.ShapeTuple([total]), self._params,
+                                measure=measure)
+        return calls
 
     def _call(self, function: str, ids: Sequence[int], cache, total: int) -> tuple[np.ndarray, object]:
         tokens = tvm.runtime.tensor(np.asarray(ids, dtype=np.int32).reshape(1, -1), self.device)

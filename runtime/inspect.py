@@ -12,20 +12,15 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
-import tvm
 
 from . import artifact
 from .engine import Generator, weight_sizes
-from .profiler import record_calls
 
 PREFILL_TOKENS = 4
 
 
 def _kernel_calls(gen: Generator, function: str, ids: list[int], cache, total: int) -> list[str]:
-    tokens = tvm.runtime.tensor(np.asarray(ids, dtype=np.int32).reshape(1, -1), gen.device)
-    _, calls = record_calls(gen._vm, function, tokens, cache, tvm.runtime.ShapeTuple([total]), gen._params)
-    return [name for name, _ in calls if not name.startswith("vm.builtin.")]
+    return [name for name, _, _ in gen.profile(function, ids, cache, total) if not name.startswith("vm.builtin.")]
 
 
 def per_block(calls: list[str], n_layer: int) -> list[str]:

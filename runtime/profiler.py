@@ -7,40 +7,37 @@ functions behind them (KV-cache append/view, ...). The timings include the hook'
 from __future__ import annotations
 
 import time
-from collections import defaultdict
+from typing import Callable
 
 from tvm.runtime.vm import VirtualMachine
 
 
 class CallRecorder:
-    def __init__(self):
-        self.calls: list[tuple[str, float]] = []
-        self._start: dict[str, float] = {}
+    """Records (callee symbol, seconds, measure(symbol, args) or None) for every call, in call order."""
 
-    def __call__(self, _func, symbol, before_run, _ret, *_args):
-        now = time.perf_counter()
+    def __init__(self, measure: Callable[[str, tuple], object] | None = None):
+        self.calls: list[tuple[str, float, object]] = []
+        self._start: dict[str, tuple[float, object]] = {}
+        self._measure = measure
+
+    def __call__(self, _func, symbol, before_run, _ret, *args):
         if before_run:
-            self._start[symbol] = now
+            measured = self._measure(symbol, args) if self._measure else None
+            self._start[symbol] = (time.perf_counter(), measured)
         else:
-            self.calls.append((symbol, now - self._start.pop(symbol, now)))
+            now = time.perf_counter()
+            start, measured = self._start.pop(symbol, (now, None))
+            self.calls.append((symbol, now - start, measured))
         return 0  # VMInstrumentReturnKind.NO_OP: run the call as usual
 
 
-def record_calls(vm: VirtualMachine, function: str, *args):
-    """Runs vm[function](*args) once; returns (its result, [(callee symbol, seconds), ...] in call order)."""
-    recorder = CallRecorder()
+def record_calls(vm: VirtualMachine, function: str, *args, measure=None):
+    """Runs vm[function](*args) once; returns (its result, [(callee symbol, seconds, measure(symbol, call
+    arguments) or None), ...] in call order). `measure` runs before each call, outside its timing."""
+    recorder = CallRecorder(measure)
     vm.set_instrument(recorder)
     try:
         result = vm[function](*args)
     finally:
         vm.set_instrument(None)
     return result, recorder.calls
-
-
-def summarize(calls: list[tuple[str, float]]) -> list[dict]:
-    """Calls grouped by symbol, slowest total first."""
-    totals: dict[str, list[float]] = defaultdict(list)
-    for symbol, seconds in calls:
-        totals[symbol].append(seconds)
-    rows = [{"name": name, "calls": len(times), "total_ms": 1e3 * sum(times)} for name, times in totals.items()]
-    return sorted(rows, key=lambda row: -row["total_ms"])

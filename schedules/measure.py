@@ -29,14 +29,20 @@ def random_args(func: tvm.tirx.PrimFunc, rng: np.random.Generator, dynamic: int 
     return args
 
 
-def time_ms(func: tvm.tirx.PrimFunc, target: tvm.target.Target, args: list, repeat: int = 10) -> float:
-    """Best of `repeat` calls in milliseconds, each after flushing every argument but the first (the input
-    vector) from the caches: a server's last-level cache can hold one weight matrix (this Xeon: hundreds of
-    MiB), but a decode step's 28 layers never fit, so a kernel is timed reading its weights from memory."""
+def kernel_timer(func: tvm.tirx.PrimFunc, target: tvm.target.Target, repeat: int = 10):
+    """func built for target: a callable(args) -> the best of `repeat` calls in milliseconds, each after
+    flushing every argument but the first (the input vector) from the caches: a server's last-level cache can
+    hold one weight matrix (hundreds of MiB on a Xeon), but a decode step's 28 layers never fit, so a kernel is
+    timed reading its weights from memory."""
     with target:
         lib = tvm.tirx.build(workload_module(func), target=target)
     # the flush walks every argument as a tensor: a kernel with scalar arguments is timed without it
     flush = all(hasattr(param.ty, "shape") for param in func.params)
     timer = lib.time_evaluator("main", tvm.cpu(), number=1, repeat=repeat,
                                f_preproc="cache_flush_cpu_non_first_arg" if flush else "")
-    return 1e3 * min(timer(*args).results)
+    return lambda args: 1e3 * min(timer(*args).results)
+
+
+def time_ms(func: tvm.tirx.PrimFunc, target: tvm.target.Target, args: list, repeat: int = 10) -> float:
+    """func's time on args, as kernel_timer measures it."""
+    return kernel_timer(func, target, repeat)(args)

@@ -28,11 +28,12 @@ from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
 from tvm.ir.utils import derived_object
 
 from gptj_tvm.errors import GptjError
+from gptj_tvm.interleaved import compare
 from gptj_tvm.ir.pipeline import kernel_calls
 
 from .database import TuningDatabase, workload_module
-from .measure import random_args, time_ms
-from .default import schedule_kernels
+from .measure import kernel_timer, random_args, time_ms
+from .default import TUNED, schedule_kernels
 
 MIN_TRIALS = 2
 
@@ -183,4 +184,37 @@ def tune(mod: tvm.IRModule, target: tvm.target.Target, expected: dict, out: Path
             db.save()
             summary["tuned"] += 1
     summary["seconds"] = time.perf_counter() - start
+    summary["tuned_vs_default"] = compare_with_defaults(tasks, db, target, progress=progress)
     return summary
+
+
+def compare_with_defaults(tasks: list[Task], db: TuningDatabase, target: tvm.target.Target, rounds: int = 5,
+                          progress: bool = True) -> dict:
+    """What the database changes, per token: for decode and each prefill_B, the time of the GEMMs it schedules
+    (calls per token x ms), tuned against default, the two builds of every kernel timed back to back round by
+    round (gptj_tvm.interleaved). Only records that beat their default count, as in `compile --tuning-db`."""
+    memory_db = db.to_memory_database()
+    pairs = []
+    rng = np.random.default_rng(0)
+    for task in tasks:
+        tuned, report = schedule_kernels(task.module(), target, memory_db)
+        if report.get("main") != TUNED:
+            continue
+        default, _ = schedule_kernels(task.module(), target)
+        pairs.append((task, kernel_timer(default["main"], target, repeat=3),
+                      kernel_timer(tuned["main"], target, repeat=3), random_args(task.func, rng)))
+    result = {}
+    for phase in dict.fromkeys(task.name.split("/")[0] for task, *_ in pairs):  # decode, prefill_B, ...
+        chosen = [p for p in pairs if p[0].name.split("/")[0] == phase]
+        defaults, tuned_times = [], []
+        for r in tqdm(range(rounds), desc=f"tuned vs default ({phase})", disable=not progress, file=sys.stderr,
+                      leave=False):
+            per_token = {"default": 0.0, "tuned": 0.0}
+            for task, default_timer, tuned_timer, args in chosen:
+                order = (("default", default_timer), ("tuned", tuned_timer))
+                for which, timer in (order if r % 2 == 0 else order[::-1]):
+                    per_token[which] += task.calls_per_token * timer(args)
+            defaults.append(per_token["default"])
+            tuned_times.append(per_token["tuned"])
+        result[phase] = {"kernels": len(chosen), **compare(defaults, tuned_times)}
+    return result

@@ -7,6 +7,7 @@ the model's kernels do. `python -m gptj_tvm.targets.bandwidth` prints it.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -68,8 +69,13 @@ def read_bandwidth(gib: float = 4.0, repeats: int = 10) -> float:
 
 
 if __name__ == "__main__":
-    bandwidth = read_bandwidth()
-    if "--json" in sys.argv:
+    parser = argparse.ArgumentParser(description="Read bandwidth with every thread (TVM_NUM_THREADS).")
+    parser.add_argument("--json", action="store_true", help="one JSON object")
+    parser.add_argument("--gib", type=float, default=4.0, help="buffer size in GiB (default 4)")
+    parser.add_argument("--repeats", type=int, default=10, help="reads of the buffer, the best counts (default 10)")
+    args = parser.parse_args()
+    bandwidth = read_bandwidth(args.gib, args.repeats)
+    if args.json:
         print(json.dumps({"read_bandwidth": bandwidth, "threads": int(os.environ["TVM_NUM_THREADS"])}))
     else:
         print(f"{bandwidth / 1e9:.1f} GB/s read with {os.environ['TVM_NUM_THREADS']} threads")

@@ -72,12 +72,18 @@ def test_bench_times_the_artifact_next_to_its_bound(artifact, capsys):
     assert result["weight_bytes"] == sum((folder / name).stat().st_size for name in meta["weight_files"])
     assert result["prefill_128_tokens_per_s"] > 0 and result["decode_128_ms"] > 0  # the tiny context: 128
     assert result["peak_rss_bytes"] >= result["peak_rss_after_load_bytes"] > 0
-    # the bound: weight bytes over the best of the bandwidth reads before and after the runs
+    # the bound: the bytes a decode step reads (tests/test_bench.py checks them) over the best of the bandwidth
+    # reads before and after the runs, per kernel too
     samples = result["read_bandwidth_samples_gb_s"]
     assert len(samples) == 2 and result["read_bandwidth_gb_s"] == max(samples) > 0
-    assert result["bound_ms"] == pytest.approx(result["weight_bytes"] / (max(samples) * 1e9) * 1e3)
-    assert result["decode_128_x_bound"] == pytest.approx(result["decode_128_ms"] / result["bound_ms"])
-    calls = {row["name"]: row["calls"] for row in result["decode_128_kernels"]}
+    kernels = result["decode_128_kernels"]
+    assert result["decode_128_read_bytes"] == sum(row["read_bytes"] for row in kernels)
+    assert result["decode_128_read_bytes"] < result["weight_bytes"]  # one row of the embedding, not all of it
+    assert result["decode_128_bound_ms"] == pytest.approx(result["decode_128_read_bytes"] / (max(samples) * 1e9) * 1e3)
+    assert result["decode_128_x_bound"] == pytest.approx(result["decode_128_ms"] / result["decode_128_bound_ms"])
+    attention = next(row for row in kernels if row["name"] == "attention")
+    assert attention["bound_ms"] == pytest.approx(attention["read_bytes"] / (max(samples) * 1e9) * 1e3)
+    calls = {row["name"]: row["calls"] for row in kernels}
     assert calls["attention"] == calls["rotary_append"] == 2  # once per layer
 
 

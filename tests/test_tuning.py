@@ -71,6 +71,16 @@ def all_winners(tuned, tmp_path):
     return db
 
 
+def test_tune_says_what_the_database_changes(tuned, checkpoint, tmp_path, capsys):
+    db = all_winners(tuned, tmp_path)  # every record counts as a winner, as compile --tuning-db then takes it
+    args = ["tune", str(checkpoint("tiny")), "-o", str(db), "--trials", "1", "--prefill-buckets", str(BUCKET),
+            "--quiet"]
+    assert main(args) == 0  # nothing left to tune: the database's kernels against their defaults, interleaved
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("what it changes, interleaved: decode GEMMs (3 kernels) ")
+    assert f"prefill_{BUCKET} GEMMs (2 kernels)" in line
+
+
 def test_compile_with_the_database_gives_the_same_logits(tuned, artifact, checkpoint, tmp_path, capsys):
     db = all_winners(tuned, tmp_path)
     out = tmp_path / "tuned-artifact"

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 
-os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
 
 
 from gptj_tvm.frontend.random_checkpoint import make_config, write_random_checkpoint  # noqa: E402

@@ -22,7 +22,6 @@ import time
 import ml_dtypes
 import numpy as np
 
-os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
 
 import tvm  # noqa: E402
 from tvm import te  # noqa: E402

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 
-os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import tvm  # noqa: E402

@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-THREADS = int(os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0)))))
+THREADS = int(os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0)))))  # before TVM starts
 
 
 def prompt_ids(n: int) -> list[int]:

@@ -5,9 +5,22 @@
     out = gen.generate("Once upon a time", max_new_tokens=32, temperature=0)
 """
 
+import os
+
 from .errors import GptjError
 
 __version__ = "0.1.0"
+
+
+def default_threads() -> int:
+    """Every core this process may use: TVM's CPU runtime would take half of them (to skip hyper-threads),
+    which on a 2-core machine is one thread."""
+    return len(os.sched_getaffinity(0))
+
+
+# TVM's thread pool reads TVM_NUM_THREADS when it first runs a parallel kernel, so setting the default when the
+# package is imported covers the CLI, the Python API (load) and the benchmarks alike; a value set by the user wins.
+os.environ.setdefault("TVM_NUM_THREADS", str(default_threads()))
 
 
 def load(artifact_dir, device=None, adapter=None):
@@ -18,4 +31,4 @@ def load(artifact_dir, device=None, adapter=None):
     return Generator.load(artifact_dir, device=device, adapter=adapter)
 
 
-__all__ = ["GptjError", "load", "__version__"]
+__all__ = ["GptjError", "default_threads", "load", "__version__"]

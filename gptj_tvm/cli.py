@@ -15,11 +15,6 @@ from .frontend.config import PREFILL_BUCKETS
 DTYPE_CHOICES = ("float32", "float16", "bfloat16")
 
 
-def _ensure_threads() -> None:
-    # TVM's CPU runtime halves the core count to skip hyper-threads; on small machines that means one thread.
-    os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
-
-
 def _runtime_library_only(artifact) -> None:
     """Running a CPU or Vulkan artifact needs TVM's runtime library only: without its compiler library (loaded
     by default, and never used here) a process holds about 100 MB less. Set before TVM is first imported.
@@ -96,7 +91,6 @@ def cmd_convert_weights(args) -> int:
 
 
 def cmd_tune(args) -> int:
-    _ensure_threads()  # measure as the runtime runs
     from .targets.compile import tune_model  # noqa: PLC0415
 
     summary = tune_model(args.model_dir, args.output, target=args.target, dtype=args.dtype, arch=args.arch,
@@ -145,7 +139,6 @@ def _prompt(args):
 
 
 def cmd_generate(args) -> int:
-    _ensure_threads()
     _runtime_library_only(args.artifact)
     from . import load  # noqa: PLC0415
 
@@ -185,7 +178,6 @@ def cmd_devices(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    _ensure_threads()
     from .runtime.artifact import read_metadata  # noqa: PLC0415
     from .runtime.engine import runnable_here  # noqa: PLC0415
     from .runtime.inspect import inspect_artifact  # noqa: PLC0415
@@ -214,7 +206,6 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    _ensure_threads()
     if len(args.artifacts) > 2:
         raise GptjError(f"bench takes one artifact, or two to compare (A B), not {len(args.artifacts)}")
     for folder in args.artifacts:
@@ -245,7 +236,6 @@ def cmd_bench(args) -> int:
 
 def cmd_demo(args) -> int:
     """A tiny random GPT-J: written, compiled for this CPU, and generating, all in a temporary folder."""
-    _ensure_threads()
     from . import load  # noqa: PLC0415
     from .frontend.random_checkpoint import make_config, write_random_checkpoint  # noqa: PLC0415
     from .targets.compile import compile_model  # noqa: PLC0415

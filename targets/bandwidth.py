@@ -13,16 +13,12 @@ import os
 import sys
 
 import numpy as np
+import tvm
+from tvm.script import tirx as T
 
-os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
+from gptj_tvm.frontend.kernels import HAND_SCHEDULED, WEIGHT_PREFETCH_BYTES, WEIGHT_PREFETCH_LOCALITY, prefetch
 
-import tvm  # noqa: E402
-from tvm.script import tirx as T  # noqa: E402
-
-from gptj_tvm.frontend.kernels import (  # noqa: E402
-    HAND_SCHEDULED, WEIGHT_PREFETCH_BYTES, WEIGHT_PREFETCH_LOCALITY, prefetch)
-
-from .llvm import host_target  # noqa: E402
+from .llvm import host_target
 
 LANES = 128
 

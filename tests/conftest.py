@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import pytest
 import tvm  # noqa: F401  (the full TVM, compiler included, before any in-process `generate` could choose the
@@ -12,7 +11,6 @@ import tvm  # noqa: F401  (the full TVM, compiler included, before any in-proces
 from gptj_tvm.frontend.config import PRESETS, GPTJConfig
 from gptj_tvm.frontend.random_checkpoint import write_random_checkpoint
 
-os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
 
 TINY = PRESETS["tiny"]
 CONFIGS = {

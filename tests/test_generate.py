@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -100,3 +103,18 @@ def test_a_cache_too_small_for_the_tokens_is_refused(generator):
     logits, cache = gen.forward("prefill", [1, 2, 3, 4], cache, 4)
     with pytest.raises(GptjError, match="do not fit a KV cache of 4 positions"):
         gen.forward("decode", [5], cache, 5)
+
+
+def test_load_runs_on_every_core_the_process_may_use(artifact):
+    """The Python API, not only the CLI: TVM alone would start half the cores' threads (one, on 2 cores)."""
+    code = ("import sys, psutil, gptj_tvm; gptj_tvm.load(sys.argv[1]).generate([1, 2, 3], max_new_tokens=4); "
+            "print(psutil.Process().num_threads())")
+    env = {k: v for k, v in os.environ.items() if k != "TVM_NUM_THREADS"}
+
+    def threads(**extra) -> int:
+        done = subprocess.run([sys.executable, "-c", code, str(artifact("tiny"))], capture_output=True, text=True,
+                              env={**env, **extra}, check=True)
+        return int(done.stdout.strip().splitlines()[-1])
+
+    # TVM's pool: the calling thread and one worker per further thread
+    assert threads() - threads(TVM_NUM_THREADS="1") == len(os.sched_getaffinity(0)) - 1

@@ -11,7 +11,8 @@ into OUT (ignored by git; carry it):
              float16 CUDA artifacts compiled with --no-weights for ARCH; the device script makes the random
              checkpoints there (init-random) and adds their weights with convert-weights
 Then, with the device tool:  carry [".device"], command
-  PYTHONPATH=.device/site TVM_USE_RUNTIME_LIB=1 PYTHONUNBUFFERED=1 python3 benchmarks/cuda_device.py --bundle .device --out $OUT
+  PYTHONPATH=.device/site TVM_USE_RUNTIME_LIB=1 PYTHONUNBUFFERED=1 \\
+      python3 benchmarks/cuda_device.py --bundle .device --out $OUT
 """
 
 from __future__ import annotations

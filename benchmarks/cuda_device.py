@@ -26,9 +26,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-import gptj_tvm  # noqa: E402
-from gptj_tvm.frontend.random_checkpoint import make_config, write_random_checkpoint  # noqa: E402
-from gptj_tvm.targets.convert import convert_weights  # noqa: E402
+import gptj_tvm
+from gptj_tvm.frontend.random_checkpoint import make_config, write_random_checkpoint
+from gptj_tvm.targets.convert import convert_weights
 
 PROMPT = [464, 10730, 29598, 11, 290, 262, 2068, 7586, 21831, 3, 99, 12000]
 MODELS = {"tiny": ("tiny", None), "full4": ("gptj-6b", 4), "gptj-6b": ("gptj-6b", None)}
@@ -46,7 +46,7 @@ def prepare(bundle: Path, work: Path, name: str) -> Path:
 
 
 def check_against_reference(checkpoint: Path, folder: Path) -> dict:
-    from reference import ReferenceGPTJ, rel_max_error  # noqa: PLC0415
+    from reference import ReferenceGPTJ, rel_max_error
 
     gen = gptj_tvm.load(folder)
     ref = ReferenceGPTJ(checkpoint)
@@ -59,7 +59,7 @@ def check_against_reference(checkpoint: Path, folder: Path) -> dict:
 
 
 def read_bandwidth() -> float:
-    import torch  # noqa: PLC0415
+    import torch
 
     x = torch.ones(2**31, dtype=torch.float16, device="cuda")  # 4 GiB
     x.sum()
@@ -114,7 +114,7 @@ def main() -> int:
     bundle, work, out = Path(args.bundle), Path(args.work), Path(args.out)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    import tvm  # noqa: PLC0415
+    import tvm
 
     device = tvm.cuda(0)
     report = {"gpu": device.device_name, "compute_version": device.compute_version, "models": {}}
@@ -129,7 +129,8 @@ def main() -> int:
         report["gptj-6b"] = benchmark(folder, read_bandwidth())
         b = report["gptj-6b"]
         print(f"\n| GPT-J-6B float16 on {report['gpu']} | value |\n| --- | --- |")
-        print(f"| weights | {b['weight_bytes'] / 1e9:.2f} GB |\n| read bandwidth | {b['read_bandwidth_gb_s']:.0f} GB/s |")
+        print(f"| weights | {b['weight_bytes'] / 1e9:.2f} GB |")
+        print(f"| read bandwidth | {b['read_bandwidth_gb_s']:.0f} GB/s |")
         print(f"| bound | {b['bound_ms']:.2f} ms/token |")
         for context in (128, 1024):
             print(f"| decode, context {context} | {b[f'decode_ms_context_{context}']:.2f} ms/token "

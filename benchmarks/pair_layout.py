@@ -23,16 +23,16 @@ import ml_dtypes
 import numpy as np
 
 
-import tvm  # noqa: E402
-from tvm import te  # noqa: E402
-from tvm.s_tir import dlight as dl  # noqa: E402
+import tvm
+from tvm import te
+from tvm.s_tir import dlight as dl
 
-from gptj_tvm.frontend.config import weight_tile  # noqa: E402
-from gptj_tvm.frontend.pair_gemm import pair_matmul  # noqa: E402
-from gptj_tvm.frontend.weights import paired, tiled  # noqa: E402
-from gptj_tvm.schedules.cpu_matmul import CPUMatmul  # noqa: E402
-from gptj_tvm.targets.bandwidth import read_bandwidth  # noqa: E402
-from gptj_tvm.targets.llvm import host_target  # noqa: E402
+from gptj_tvm.frontend.config import weight_tile
+from gptj_tvm.frontend.pair_gemm import pair_matmul
+from gptj_tvm.frontend.weights import paired, tiled
+from gptj_tvm.schedules.cpu_matmul import CPUMatmul
+from gptj_tvm.targets.bandwidth import read_bandwidth
+from gptj_tvm.targets.llvm import host_target
 
 from report import write_result  # benchmarks/report.py (a script's folder is on its path)
 

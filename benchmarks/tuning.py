@@ -24,20 +24,20 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import tvm  # noqa: E402
-from gptj_tvm.targets.bandwidth import read_bandwidth  # noqa: E402
-from tvm.s_tir import dlight as dl  # noqa: E402
+import tvm
+from gptj_tvm.targets.bandwidth import read_bandwidth
+from tvm.s_tir import dlight as dl
 
-from gptj_tvm.frontend.pair_gemm import pair_matmul  # noqa: E402
-from gptj_tvm.frontend.random_checkpoint import make_config  # noqa: E402
-from gptj_tvm.ir import pipeline  # noqa: E402
-from gptj_tvm.schedules.cpu_matmul import CPUMatmul  # noqa: E402
-from gptj_tvm.schedules.database import TuningDatabase  # noqa: E402
-from gptj_tvm.schedules.measure import random_args, time_ms  # noqa: E402
-from gptj_tvm.schedules.tune import gemm_tasks, tune  # noqa: E402
-from gptj_tvm.targets.compile import export_model  # noqa: E402
-from gptj_tvm.targets.llvm import host_target  # noqa: E402
-from gptj_tvm.targets.resolve import tuning_fingerprint  # noqa: E402
+from gptj_tvm.frontend.pair_gemm import pair_matmul
+from gptj_tvm.frontend.random_checkpoint import make_config
+from gptj_tvm.ir import pipeline
+from gptj_tvm.schedules.cpu_matmul import CPUMatmul
+from gptj_tvm.schedules.database import TuningDatabase
+from gptj_tvm.schedules.measure import random_args, time_ms
+from gptj_tvm.schedules.tune import gemm_tasks, tune
+from gptj_tvm.targets.compile import export_model
+from gptj_tvm.targets.llvm import host_target
+from gptj_tvm.targets.resolve import tuning_fingerprint
 
 from report import write_result  # benchmarks/report.py (a script's folder is on its path)
 

@@ -30,7 +30,7 @@ def prompt_ids(n: int) -> list[int]:
 
 
 def run_ours(artifact: str, prompt: list[int], new_tokens: int) -> dict:
-    import gptj_tvm  # noqa: PLC0415
+    import gptj_tvm
 
     gen = gptj_tvm.load(artifact)
     gen.generate(prompt[:8], max_new_tokens=2)  # warm up
@@ -43,8 +43,8 @@ def run_ours(artifact: str, prompt: list[int], new_tokens: int) -> dict:
 
 def run_transformers(checkpoint: str, prompt: list[int], new_tokens: int) -> dict:
     try:
-        import torch  # noqa: PLC0415
-        from transformers import AutoModelForCausalLM  # noqa: PLC0415
+        import torch
+        from transformers import AutoModelForCausalLM
     except ImportError as err:
         return {"error": f"not installed ({err})"}
     torch.set_num_threads(THREADS)
@@ -99,7 +99,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.worker:
         return worker(args)
-    from gptj_tvm.cli import _read_bandwidth  # noqa: PLC0415
+    from gptj_tvm.cli import _read_bandwidth
 
     report = {"threads": THREADS, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
               "read_bandwidth_gb_s": (_read_bandwidth() or 0) / 1e9}

@@ -23,8 +23,9 @@ SAFETENSORS, PYTORCH = "safetensors", "pytorch"
 # (index file, single file, format), in the order transformers prefers them
 LAYOUTS = (("model.safetensors.index.json", "model.safetensors", SAFETENSORS),
            ("pytorch_model.bin.index.json", "pytorch_model.bin", PYTORCH))
-_SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "I64": np.int64,
-                       "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+_SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+                       "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+                       "BOOL": np.bool_}
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """GPT-J's configuration, read from a Hugging Face `config.json`, and the numbers that define GPT-J.
 
-The keys and their meanings are those of GPTJ-MATH.md. Every number that defines GPT-J beyond the config
+The keys and their meanings are those of docs/GPTJ-MATH.md. Every number that defines GPT-J beyond the config
 (LayerNorm eps default, rotary base, gelu_new's constant) is named here once.
 """
 

@@ -27,7 +27,7 @@ END_MARKERS = ("### End",)
 
 def packaged_tokenizer_dir() -> Path:
     """The GPT-2 tokenizer files shipped with the package (encoder.json, vocab.bpe): GPT-J's own."""
-    import gptj_tvm  # noqa: PLC0415  (the package root knows where its data lives, installed or not)
+    import gptj_tvm  # the package root knows where its data lives, installed or not
 
     return Path(gptj_tvm.__file__).resolve().parent / "data" / "gpt2"
 

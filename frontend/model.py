@@ -1,4 +1,4 @@
-"""GPT-J as a Relax `nn.Module`: the math of GPTJ-MATH.md, with a KV cache, batch 1.
+"""GPT-J as a Relax `nn.Module`: the math of docs/GPTJ-MATH.md, with a KV cache, batch 1.
 
 Weights are stored in the layout the kernels read (see `weights.py` for the map from Hugging Face names):
 for the CPU, linear weights are [in_features, out_features] in column tiles (bfloat16: in column pairs,

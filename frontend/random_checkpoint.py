@@ -92,7 +92,8 @@ WEIGHT_FILE_NAMES = {"safetensors": ("model.safetensors", "model-{:05d}-of-{:05d
 
 
 def write_random_checkpoint(out_dir: Path, config: GPTJConfig, seed: int = 0, shard_bytes: int = 2 << 30,
-                            on_tensor: Callable[[str], None] | None = None, weights_format: str = "safetensors") -> None:
+                            on_tensor: Callable[[str], None] | None = None,
+                            weights_format: str = "safetensors") -> None:
     """Writes config.json, the weights (one file, or shards + index) and the tokenizer files into out_dir.
     weights_format "pytorch": pytorch_model.bin as torch.save writes it, with the mask buffers older saves hold."""
     out_dir = Path(out_dir)

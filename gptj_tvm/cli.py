@@ -19,7 +19,7 @@ def _runtime_library_only(artifact) -> None:
     """Running a CPU or Vulkan artifact needs TVM's runtime library only: without its compiler library (loaded
     by default, and never used here) a process holds about 100 MB less. Set before TVM is first imported.
     Reads the artifact's metadata, so a bad artifact fails here, in one line."""
-    from .runtime.artifact import read_metadata  # noqa: PLC0415  (imports no TVM)
+    from .runtime.artifact import read_metadata  # imports no TVM
 
     device = read_metadata(Path(artifact))["device"]
     if "tvm" not in sys.modules and device in ("cpu", "vulkan"):
@@ -27,10 +27,10 @@ def _runtime_library_only(artifact) -> None:
 
 
 def cmd_init_random(args) -> int:
-    from tqdm import tqdm  # noqa: PLC0415
+    from tqdm import tqdm
 
-    from .frontend.random_checkpoint import make_config, write_random_checkpoint  # noqa: PLC0415
-    from .frontend.weights import hf_tensors  # noqa: PLC0415
+    from .frontend.random_checkpoint import make_config, write_random_checkpoint
+    from .frontend.weights import hf_tensors
 
     config = make_config(args.preset, args.layers, args.dtype)
     with tqdm(total=len(hf_tensors(config)), desc="write random checkpoint", unit="tensor",
@@ -45,7 +45,7 @@ def cmd_init_random(args) -> int:
 
 
 def cmd_compile(args) -> int:
-    from .targets.compile import compile_model  # noqa: PLC0415
+    from .targets.compile import compile_model
 
     meta = compile_model(args.model_dir, args.output, target=args.target, dtype=args.dtype, arch=args.arch,
                          fuse_block=not args.no_fuse_block, tuning_db=args.tuning_db, progress=not args.quiet,
@@ -81,7 +81,7 @@ def _target_name(target: dict) -> str:
 
 
 def cmd_convert_weights(args) -> int:
-    from .targets.convert import convert_weights  # noqa: PLC0415  (numpy and safetensors; no TVM compiler)
+    from .targets.convert import convert_weights  # numpy and safetensors; no TVM compiler
 
     meta = convert_weights(args.model_dir, args.artifact, progress=not args.quiet)
     if not args.quiet:
@@ -91,7 +91,7 @@ def cmd_convert_weights(args) -> int:
 
 
 def cmd_tune(args) -> int:
-    from .targets.compile import tune_model  # noqa: PLC0415
+    from .targets.compile import tune_model
 
     summary = tune_model(args.model_dir, args.output, target=args.target, dtype=args.dtype, arch=args.arch,
                          fuse_block=not args.no_fuse_block, trials=args.trials, max_seconds=args.max_seconds,
@@ -140,7 +140,7 @@ def _prompt(args):
 
 def cmd_generate(args) -> int:
     _runtime_library_only(args.artifact)
-    from . import load  # noqa: PLC0415
+    from . import load
 
     gen = load(args.artifact, adapter=args.device)
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
@@ -162,7 +162,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_devices(args) -> int:
-    from .runtime.devices import list_devices  # noqa: PLC0415
+    from .runtime.devices import list_devices
 
     found = list_devices()
     if args.json:
@@ -178,9 +178,9 @@ def cmd_devices(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from .runtime.artifact import read_metadata  # noqa: PLC0415
-    from .runtime.engine import runnable_here  # noqa: PLC0415
-    from .runtime.inspect import inspect_artifact  # noqa: PLC0415
+    from .runtime.artifact import read_metadata
+    from .runtime.engine import runnable_here
+    from .runtime.inspect import inspect_artifact
 
     report = inspect_artifact(args.artifact, run=not args.no_run and runnable_here(read_metadata(Path(args.artifact))))
     if args.json:
@@ -196,8 +196,8 @@ def cmd_inspect(args) -> int:
         print(f"{phase}: {report[f'{phase}_kernel_launches']} kernel launches per step, "
               f"{report[f'{phase}_kernels_per_block']} per block: {' -> '.join(report[f'{phase}_block_kernels'])}")
     if report["prefill_buckets"]:
-        print(f"prefill in chunks of {', '.join(map(str, report['prefill_buckets']))} tokens (static prefill functions), "
-              "then the rest")
+        print(f"prefill in chunks of {', '.join(map(str, report['prefill_buckets']))} tokens "
+              "(static prefill functions), then the rest")
     print("kernels (schedule, calls per decode step, per prefill, per prefill of every bucket):")
     for name, info in report["kernels"].items():
         print(f"  {name:48s} {info['schedule']:24s} {info['decode_calls']:4d} {info['prefill_calls']:4d} "
@@ -211,13 +211,13 @@ def cmd_bench(args) -> int:
     for folder in args.artifacts:
         _runtime_library_only(folder)  # a bad artifact fails here, before the bandwidth is measured
     if len(args.artifacts) == 2:
-        from .runtime.ab import run_ab, table  # noqa: PLC0415
+        from .runtime.ab import run_ab, table
 
         result = run_ab(*args.artifacts, rounds=args.rounds, bandwidth=not args.no_bandwidth,
                         progress=not args.json)
         print(json.dumps(result, indent=2) if args.json else table(result))
         return 0
-    from .runtime.bench import add_bound, read_bandwidth, run_bench, table  # noqa: PLC0415
+    from .runtime.bench import add_bound, read_bandwidth, run_bench, table
 
     # measured before and after the runs, the best of the two: other tenants of a machine come and go
     bandwidth = None if args.no_bandwidth else read_bandwidth()
@@ -236,9 +236,9 @@ def cmd_bench(args) -> int:
 
 def cmd_demo(args) -> int:
     """A tiny random GPT-J: written, compiled for this CPU, and generating, all in a temporary folder."""
-    from . import load  # noqa: PLC0415
-    from .frontend.random_checkpoint import make_config, write_random_checkpoint  # noqa: PLC0415
-    from .targets.compile import compile_model  # noqa: PLC0415
+    from . import load
+    from .frontend.random_checkpoint import make_config, write_random_checkpoint
+    from .targets.compile import compile_model
 
     with tempfile.TemporaryDirectory(prefix="gptj-tvm-demo-") as tmp:
         model_dir, artifact_dir = Path(tmp) / "checkpoint", Path(tmp) / "artifact"

@@ -25,7 +25,7 @@ ScheduleFn = Callable[[tvm.IRModule], tvm.IRModule]
 
 def model_passes(fuse_block: bool) -> Callable:
     """Phase 0, on the nn.Module: the block's projections merged (or the plain graph, for comparison)."""
-    from .merge_projections import merge_block_projections  # noqa: PLC0415
+    from .merge_projections import merge_block_projections
 
     return merge_block_projections if fuse_block else (lambda model: model)
 

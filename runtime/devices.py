@@ -8,7 +8,7 @@ from gptj_tvm.errors import GptjError
 
 
 def vulkan_devices() -> list[dict]:
-    from . import vulkan  # noqa: PLC0415
+    from . import vulkan
 
     try:
         found = vulkan.adapters()
@@ -25,7 +25,7 @@ def cuda_devices() -> list[dict]:
             device = tvm.cuda(len(found))
             found.append({"index": len(found), "name": device.device_name,
                           "compute_capability": device.compute_version})
-    except Exception:  # noqa: BLE001,S110  (no CUDA driver or runtime library: no CUDA GPUs)
+    except Exception:  # noqa: BLE001  (no CUDA driver or runtime library: no CUDA GPUs)
         pass
     return found
 

@@ -182,8 +182,8 @@ class Generator:
             stats["decode_s"] += time.perf_counter() - start
             stats["decode_steps"] += 1
 
-    def _events(self, prompt, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
-                top_p: float = 1.0, seed: int | None = None, stop: Sequence[str] = ()) -> Iterator[tuple[str, Generation]]:
+    def _events(self, prompt, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                seed: int | None = None, stop: Sequence[str] = ()) -> Iterator[tuple[str, Generation]]:
         """Yields (new text piece, the generation so far); the last Generation is complete."""
         check_sampling(max_new_tokens, temperature, top_k, top_p)
         prompt_ids = self._check_ids(self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt)
@@ -271,7 +271,7 @@ def runnable_here(meta: dict) -> bool:
     if meta["device"] not in DEVICES or meta.get("weights_pending"):
         return False
     if meta["device"] == "vulkan":
-        from . import vulkan  # noqa: PLC0415
+        from . import vulkan
 
         try:
             return bool(vulkan.adapters())
@@ -290,7 +290,7 @@ def _device_exists(device) -> bool:
 def open_vulkan(meta: dict, adapter: str | None, sizes: list[tuple[int, str, str]]) -> int:
     """Make this process able to run a Vulkan artifact (its weights: `sizes`, from weight_sizes), on the
     adapter asked for; returns its index."""
-    from . import vulkan  # noqa: PLC0415  (wgpu is imported only for Vulkan artifacts)
+    from . import vulkan  # wgpu is imported only for Vulkan artifacts
 
     index = vulkan.pick_adapter(adapter)
     found = vulkan.describe(vulkan.adapters()[index])

@@ -45,8 +45,8 @@ LIMITS = ("max-storage-buffers-per-shader-stage", "max-storage-buffer-binding-si
 
 def _wgpu():
     try:
-        import wgpu  # noqa: PLC0415
-        import wgpu.backends.wgpu_native  # noqa: F401, PLC0415
+        import wgpu
+        import wgpu.backends.wgpu_native
     except ImportError as err:
         raise GptjError(f"running on Vulkan needs the wgpu package ({err}): pip install wgpu") from None
     return wgpu
@@ -57,14 +57,14 @@ _adapters = None
 
 def adapters() -> list:
     """The Vulkan adapters wgpu sees (lavapipe, the CPU driver, included), in a fixed order."""
-    global _adapters  # noqa: PLW0603  (the instance is created once per process)
+    global _adapters  # the instance is created once per process
     if _adapters is None:
         wgpu = _wgpu()
-        from wgpu.backends.wgpu_native import extras  # noqa: PLC0415
+        from wgpu.backends.wgpu_native import extras
 
         try:
             extras.set_instance_extras(backends=[BACKEND])  # no GL/Metal/DX12 adapters: the target means Vulkan
-        except Exception:  # noqa: BLE001,S110  (the instance already exists: filter below instead)
+        except Exception:  # noqa: BLE001  (the instance already exists: filter below instead)
             pass
         # Mesa's Vulkan drivers probe for a Wayland display while the instance is created and print an error
         # per driver when XDG_RUNTIME_DIR is unset (as in containers and CI); any folder keeps them quiet
@@ -157,7 +157,7 @@ class _Gpu:
         self.flush()
         # wgpu 0.32's queue.on_submitted_work_done_sync() fails in its C binding; a blocking poll waits for
         # everything submitted (reads need no sync: mapping their staging buffer waits for the copy)
-        self.device._poll_wait()  # noqa: SLF001
+        self.device._poll_wait()
 
     def copy_to_device(self, host: int, handle: int, offset: int, nbytes: int) -> None:
         self.flush()  # recorded kernels run before this write, as they were issued
@@ -323,7 +323,7 @@ class _Bridge:
         return len(self.modules) - 1
 
     def get_function(self, module: int, name: str):
-        import tvm_ffi  # noqa: PLC0415
+        import tvm_ffi
 
         kernel = self.modules[module].get(name)
         if kernel is None:
@@ -340,10 +340,10 @@ _bridge: _Bridge | None = None
 
 def enable() -> None:
     """Make TVM's runtime able to load and run webgpu artifacts in this process (idempotent)."""
-    global _bridge  # noqa: PLW0603
+    global _bridge
     if _bridge is not None:
         return
-    import tvm_ffi  # noqa: PLC0415
+    import tvm_ffi
 
     bridge = _Bridge()
     callbacks = {
@@ -371,8 +371,8 @@ def select(index: int) -> None:
 
 
 def _build_bridge() -> str:
-    import tvm  # noqa: PLC0415  (the runtime package: its headers and libtvm_runtime)
-    import tvm_ffi.cpp  # noqa: PLC0415
+    import tvm  # the runtime package: its headers and libtvm_runtime
+    import tvm_ffi.cpp
 
     root = Path(tvm.__file__).parent
     include = root / "include"

@@ -104,7 +104,7 @@ class CPUMatmul(ScheduleRule):
     def is_target_available(self, target: Target) -> bool:
         return target.kind.name == "llvm"
 
-    def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool):  # noqa: C901
+    def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool):
         found = with_reductions(func, target, 1)
         if found is None:
             return None

@@ -61,7 +61,7 @@ def task_key(func: tvm.tirx.PrimFunc) -> str:
 def gemm_tasks(mod: tvm.IRModule, target: tvm.target.Target, buckets: tuple[int, ...] = ()) -> list[Task]:
     """The GEMM kernels (those the default rules schedule as matmuls) that one decode step and each
     `prefill_B` call, unmeasured, in call order."""
-    from gptj_tvm.frontend.model import bucket_function  # noqa: PLC0415
+    from gptj_tvm.frontend.model import bucket_function
 
     _, report = schedule_kernels(mod, target)
     tasks: dict[str, Task] = {}
@@ -110,7 +110,7 @@ class _Progress(PyMeasureCallback):
 
 def _quiet_meta_schedule() -> None:
     # MetaSchedule logs every round (and XGBoost every iteration) to the console; the progress bar says enough
-    import logging  # noqa: PLC0415
+    import logging
 
     for name in ("tvm.s_tir.meta_schedule", "tvm.meta_schedule"):
         logging.getLogger(name).setLevel(logging.WARNING)

@@ -38,7 +38,7 @@ def variant_for(target: tvm.target.Target, dtype: str = "float32", tuned: bool =
     """The model variant (weight layout, attention kernel form) a target runs. A CPU's bfloat16 GEMMs read
     column pairs (frontend/pair_gemm.py), except with a tuning database (`tuned`): MetaSchedule tunes the
     column-tile GEMMs (schedules/tune.py), which the hand-written pair kernels leave it nothing to tune in."""
-    from gptj_tvm.frontend import model  # noqa: PLC0415
+    from gptj_tvm.frontend import model
 
     if is_gpu(target):
         return model.GPU
@@ -49,7 +49,7 @@ def export_model(config: GPTJConfig, dtype: str, fuse_block: bool = True, varian
                  prefill_buckets: tuple[int, ...] = ()):
     """The Relax module of GPT-J for `config` in `dtype` (with a static `prefill_B` for each bucket B), and
     its parameter names in call order."""
-    from gptj_tvm.frontend.model import CPU, GPTJ  # noqa: PLC0415
+    from gptj_tvm.frontend.model import CPU, GPTJ
 
     model = pipeline.model_passes(fuse_block)(GPTJ(config, dtype, variant or CPU))
     mod, params = model.export_tvm(spec=model.get_default_spec(prefill_buckets))
@@ -63,7 +63,7 @@ def build_library(config: GPTJConfig, dtype: str, target: tvm.target.Target, out
     schedule each kernel got (tuned ones from `tuned`, a MetaSchedule database, where it has them) and the
     kernels decode and prefill call, in order (what runs, counted from the compiled graph). On a GPU
     every kernel must come out bound to threads; the device code is built with nvcc (targets/cuda.py)."""
-    from gptj_tvm.frontend.model import bucket_function  # noqa: PLC0415
+    from gptj_tvm.frontend.model import bucket_function
 
     mod, param_names = export_model(config, dtype, fuse_block, variant or variant_for(target, dtype, tuned is not None),
                                     prefill_buckets)
@@ -136,7 +136,7 @@ def tune_model(model_dir, out, target: str = "llvm", dtype: str | None = None, f
                arch: str | None = None, prefill_buckets: tuple[int, ...] | None = None) -> dict:
     """`gptj-tvm tune`: the GEMMs of this model's decode step and of its prefill at each bucket length
     (default: PREFILL_BUCKETS up to the context), tuned for this target, into the database at out."""
-    from gptj_tvm.schedules.tune import tune  # noqa: PLC0415
+    from gptj_tvm.schedules.tune import tune
 
     _, config, dtype, tvm_target = prepare(model_dir, target, dtype, arch)
     if tvm_target.kind.name != "llvm":
@@ -170,7 +170,7 @@ def compile_model(model_dir, out_dir, target: str = "llvm", dtype: str | None = 
     dot-product GEMMs; by default where this CPU has AVX-512 VNNI. `prefill_buckets`: lengths B that get a
     static `prefill_B` (default: PREFILL_BUCKETS for float CPU artifacts, else none), besides a tuning
     database's."""
-    from gptj_tvm.frontend.model import bucket_function  # noqa: PLC0415
+    from gptj_tvm.frontend.model import bucket_function
 
     out_dir = Path(out_dir)
     model_dir, config, dtype, tvm_target = prepare(model_dir, target, dtype, arch)

@@ -94,7 +94,7 @@ def nvcc_fatbin(source: str, arch: str) -> bytes:
 def export_library(executable, path: Path, arch: str) -> dict:
     """executable.export_library(path), with the CUDA source replaced by its nvcc fatbin for arch.
     Returns {"cuda_source": ..., "fatbin_bytes": ...}."""
-    from tvm.runtime import _ffi_api  # noqa: PLC0415  (compile side only)
+    from tvm.runtime import _ffi_api  # compile side only
 
     info = {}
 

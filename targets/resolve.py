@@ -18,15 +18,15 @@ def resolve_target(name: str, arch: str | None = None) -> tvm.target.Target:
     if arch is not None and kind != "cuda":
         raise GptjError(f"--arch is for --target cuda, not {name!r}")
     if kind == "llvm":
-        from .llvm import host_target  # noqa: PLC0415
+        from .llvm import host_target
 
         return host_target()
     if kind == "cuda":
-        from .cuda import cuda_target  # noqa: PLC0415
+        from .cuda import cuda_target
 
         return cuda_target(arch)
     if kind == "vulkan":
-        from .vulkan import vulkan_target  # noqa: PLC0415
+        from .vulkan import vulkan_target
 
         return vulkan_target()
     raise GptjError(f"unknown target {name!r}: this build knows {', '.join(KNOWN)}")

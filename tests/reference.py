@@ -1,4 +1,4 @@
-"""An independent GPT-J in numpy, written from GPTJ-MATH.md (not from the code under test).
+"""An independent GPT-J in numpy, written from docs/GPTJ-MATH.md (not from the code under test).
 
 It reads the Hugging Face checkpoint itself (config.json and the weight files, HF names, [out, in]
 weights) and computes in float64 from the checkpoint's values (half-precision weights are widened exactly).
@@ -30,7 +30,7 @@ def load_checkpoint(model_dir) -> tuple[dict, dict[str, np.ndarray]]:
             continue
         for name in files:
             if name.endswith(".bin"):
-                import torch  # noqa: PLC0415  (only the .bin fixtures need it)
+                import torch  # only the .bin fixtures need it
 
                 for key, tensor in torch.load(model_dir / name, weights_only=True).items():
                     weights[key] = tensor.to(torch.float64).numpy()
@@ -55,7 +55,8 @@ def gelu_new(x):
 def rotate_every_two(x, positions, rotary_dim):
     """x [T, heads, head_dim]; the interleaved GPT-J rotary on the first rotary_dim dims of each head."""
     out = x.copy()
-    inv = (1.0 / (10000.0 ** (np.arange(0, rotary_dim, 2, dtype=np.float32) / np.float32(rotary_dim)))).astype(np.float32)
+    exponents = np.arange(0, rotary_dim, 2, dtype=np.float32) / np.float32(rotary_dim)
+    inv = (1.0 / (10000.0 ** exponents)).astype(np.float32)
     theta = (positions.astype(np.float32)[:, None] * inv[None, :]).astype(np.float32)  # float32, as the math says
     cos, sin = np.cos(theta).astype(np.float64)[:, None, :], np.sin(theta).astype(np.float64)[:, None, :]
     even, odd = x[..., 0:rotary_dim:2], x[..., 1:rotary_dim:2]

@@ -58,15 +58,20 @@ def state_dict(vocab_size: int, dtype, seed: int, mask_dtype=None) -> dict:
         p = f"transformer.h.{i}."
         tensors.update({p + "ln_1.weight": 1 + normal(d, scale=0.3), p + "ln_1.bias": normal(d, scale=0.3)})
         for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            tensors[p + f"attn.{proj}.weight"] = normal(d, d, scale=(2.0 if proj in ("q_proj", "k_proj") else 1) / d ** 0.5)
-        tensors.update({p + "mlp.fc_in.weight": normal(ff, d, scale=d ** -0.5), p + "mlp.fc_in.bias": normal(ff, scale=0.2),
-                        p + "mlp.fc_out.weight": normal(d, ff, scale=ff ** -0.5), p + "mlp.fc_out.bias": normal(d, scale=0.2)})
+            gain = 2.0 if proj in ("q_proj", "k_proj") else 1.0
+            tensors[p + f"attn.{proj}.weight"] = normal(d, d, scale=gain / d ** 0.5)
+        tensors.update({p + "mlp.fc_in.weight": normal(ff, d, scale=d ** -0.5),
+                        p + "mlp.fc_in.bias": normal(ff, scale=0.2),
+                        p + "mlp.fc_out.weight": normal(d, ff, scale=ff ** -0.5),
+                        p + "mlp.fc_out.bias": normal(d, scale=0.2)})
         if mask_dtype is not None:
             n = TINY["n_positions"]
             tensors[p + "attn.bias"] = torch.tril(torch.ones(n, n)).to(mask_dtype)[None, None]
             tensors[p + "attn.masked_bias"] = torch.tensor(-1e9).to(dtype)
-    tensors.update({"transformer.ln_f.weight": 1 + normal(d, scale=0.3), "transformer.ln_f.bias": normal(d, scale=0.3),
-                    "lm_head.weight": normal(vocab_size, d, scale=3 / d ** 0.5), "lm_head.bias": normal(vocab_size, scale=0.2)})
+    tensors.update({"transformer.ln_f.weight": 1 + normal(d, scale=0.3),
+                    "transformer.ln_f.bias": normal(d, scale=0.3),
+                    "lm_head.weight": normal(vocab_size, d, scale=3 / d ** 0.5),
+                    "lm_head.bias": normal(vocab_size, scale=0.2)})
     return tensors
 
 

@@ -31,6 +31,8 @@ def cuda_artifact(tmp_path_factory, checkpoint):
     cache = {}
 
     def make(model: str, arch: str):
+        if shutil.which("nvcc") is None:  # .ci/run fails without nvcc, so CI never skips these
+            pytest.skip("nvcc is not on PATH: building a CUDA library needs the CUDA toolkit")
         if (model, arch) not in cache:
             if model == "tiny":
                 source = checkpoint("tiny")

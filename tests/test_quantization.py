@@ -38,7 +38,8 @@ def dequantized(weight: np.ndarray, scheme: str) -> np.ndarray:
     extreme = np.take_along_axis(groups, np.abs(groups).argmax(axis=2)[..., None], axis=2)
     scale, q, error = levels(extreme / lowest)
     if scheme == "q4":
-        scale2, q2, error2 = levels((groups * q).sum(axis=2, keepdims=True) / np.maximum((q * q).sum(2, keepdims=True), 1))
+        least_squares = (groups * q).sum(axis=2, keepdims=True) / np.maximum((q * q).sum(2, keepdims=True), 1)
+        scale2, q2, error2 = levels(least_squares)
         better = error2 < error
         scale, q = np.where(better, scale2, scale), np.where(better, q2, q)
     return (q * scale).reshape(out, k)
@@ -140,7 +141,8 @@ def test_quantized_artifacts_are_smaller(quantized, generator):
     def weight_bytes(gen):
         return sum(info["bytes"] for info in gen.meta["weight_files"].values())
 
-    full, q8, q4 = weight_bytes(generator("wide")), weight_bytes(quantized("wide", "q8")), weight_bytes(quantized("wide", "q4"))
+    full = weight_bytes(generator("wide"))
+    q8, q4 = weight_bytes(quantized("wide", "q8")), weight_bytes(quantized("wide", "q4"))
     assert q4 < q8 < full
     for vnni, gemm, schedule in ((True, "vnni_matmul", "hand-written"),
                                  (False, "quantized_matmul", "default CPUQuantMatmul")):

@@ -114,7 +114,8 @@ def _describe_tuning(comparison: dict) -> str:
         ms_a, ms_b = c["a_median"], c["b_median"]
         advice = ("worth using" if c["ratio_range"][1] < 1.0 else "costs time: compile without it"
                   if c["ratio_range"][0] > 1.0 else "no clear difference")
-        parts.append(f"{phase} GEMMs ({c['kernels']} kernels) {ms_b:.3f} ms per token tuned vs {ms_a:.3f} default, "
+        kernels = f"{c['kernels']} kernel{'s' if c['kernels'] > 1 else ''}"
+        parts.append(f"{phase} GEMMs ({kernels}) {ms_b:.3f} ms per token tuned vs {ms_a:.3f} default, "
                      f"{c['ratio_median']:.2f}x (rounds {c['ratio_range'][0]:.2f}-{c['ratio_range'][1]:.2f}): "
                      f"{advice}")
     return "what it changes, interleaved: " + "; ".join(parts)

@@ -112,15 +112,17 @@ class Generator:
     def profile(self, function: str, ids: Sequence[int], cache, total: int, measure=None) -> list[tuple]:
         """Runs `function` once on ids with TVM's kernel profiler hook: [(kernel or builtin, seconds,
         measure(name, call arguments) or None), ...] in call order (runtime/profiler.py)."""
-        tokens = tvm.runtime.tensor(np.asarray(ids, dtype=np.int32).reshape(1, -1), self.device)
-        _, calls = record_calls(self._vm, function, tokens, cache, tvm.runtime.ShapeTuple([total]), self._params,
-                                measure=measure)
+        _, calls = record_calls(self._vm, function, *self._arguments(ids, cache, total), measure=measure)
         return calls
 
-    def _call(self, function: str, ids: Sequence[int], cache, total: int) -> tuple[np.ndarray, object]:
+    def _arguments(self, ids: Sequence[int], cache, total: int) -> tuple:
+        """What the compiled functions take: token ids [1, n], the KV cache, its length after them, the weights."""
         tokens = tvm.runtime.tensor(np.asarray(ids, dtype=np.int32).reshape(1, -1), self.device)
+        return tokens, cache, tvm.runtime.ShapeTuple([total]), self._params
+
+    def _call(self, function: str, ids: Sequence[int], cache, total: int) -> tuple[np.ndarray, object]:
         try:
-            logits = self._vm[function](tokens, cache, tvm.runtime.ShapeTuple([total]), self._params)
+            logits = self._vm[function](*self._arguments(ids, cache, total))
         except RuntimeError as err:
             if self.meta["device"] != "vulkan":
                 raise

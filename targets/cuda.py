@@ -20,7 +20,7 @@ import tvm
 from gptj_tvm.blob import BlobReader
 from gptj_tvm.errors import GptjError
 
-from .resolve import device_modules
+from .device_modules import device_modules
 
 ARCH = re.compile(r"^sm_(\d+)([af]?)$")
 SHARED_MEMORY_BYTES = 48 << 10  # the static shared memory any CUDA GPU gives a block

@@ -32,17 +32,6 @@ def resolve_target(name: str, arch: str | None = None) -> tvm.target.Target:
     raise GptjError(f"unknown target {name!r}: this build knows {', '.join(KNOWN)}")
 
 
-def device_modules(module, kind: str) -> list:
-    """The modules of `kind` ("cuda", "webgpu") a compiled module imports, at any depth."""
-    found, pending = [], list(module.imports)
-    while pending:
-        m = pending.pop()
-        if m.kind == kind:
-            found.append(m)
-        pending.extend(m.imports)
-    return found
-
-
 def is_gpu(target: tvm.target.Target) -> bool:
     return "gpu" in target.keys
 

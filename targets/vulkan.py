@@ -14,7 +14,7 @@ import tvm
 
 from gptj_tvm.errors import GptjError
 
-from .resolve import device_modules
+from .device_modules import device_modules
 
 DTYPES = ("float32", "float16")
 MAX_THREADS = 256

@@ -133,17 +133,14 @@ class TorchZipFile:
             raise GptjError(f"{self.path}: does not hold a state dict of tensors")
         self.tensors: dict[str, TensorRef] = {str(k): v for k, v in state.items()}
 
-    def close(self) -> None:
-        self._zip.close()
-
-    def _data_offset(self, info: zipfile.ZipInfo) -> int:
-        with open(self.path, "rb") as f:
-            f.seek(info.header_offset)
-            header = _ZIP_LOCAL_HEADER.unpack(f.read(_ZIP_LOCAL_HEADER.size))
+    def _seek_to_data(self, f, info: zipfile.ZipInfo) -> None:
+        """Moves the open file f to the first byte of the stored entry info (past its local header)."""
+        f.seek(info.header_offset)
+        header = _ZIP_LOCAL_HEADER.unpack(f.read(_ZIP_LOCAL_HEADER.size))
         if header[0] != b"PK\x03\x04":
             raise GptjError(f"{self.path}: corrupt zip entry {info.filename}")
         name_length, extra_length = header[-2], header[-1]
-        return info.header_offset + _ZIP_LOCAL_HEADER.size + name_length + extra_length
+        f.seek(name_length + extra_length, 1)
 
     def read(self, name: str) -> np.ndarray:
         """The tensor `name`, as a numpy array of its own dtype (a copy of the file's bytes)."""
@@ -163,7 +160,8 @@ class TorchZipFile:
             flat = np.empty(span, dtype=np.uint8 if dtype == np.bool_ else dtype)
             if info.compress_type == zipfile.ZIP_STORED:
                 with open(self.path, "rb") as f:
-                    f.seek(self._data_offset(info) + ref.offset * itemsize)
+                    self._seek_to_data(f, info)
+                    f.seek(ref.offset * itemsize, 1)
                     got = f.readinto(memoryview(flat.view(np.uint8)))
                 if got != flat.nbytes:
                     raise GptjError(f"{self.path}: storage {entry} is truncated")

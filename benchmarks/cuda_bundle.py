@@ -30,7 +30,7 @@ import tvm
 
 from gptj_tvm.frontend.config import PRESETS
 from gptj_tvm.frontend.random_checkpoint import make_config
-from gptj_tvm.targets.compile import compile_model
+from gptj_tvm.compiler.compile import compile_model
 
 TVM_FFI = "apache-tvm-ffi==0.1.14.post1"
 DEVICE_PYTHON = "3.12"
@@ -76,7 +76,7 @@ def main() -> int:
             source.mkdir()
             (source / "config.json").write_text(json.dumps(config.to_dict()))
             meta = compile_model(source, out / name, target="cuda", arch=args.arch, weights=False, progress=False)
-            print(f"{name}: library {meta['compile_timings']['library_s']:.1f} s")
+            print(f"{name}: library {meta.compile_timings['library_s']:.1f} s")
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(f"{out}: {size / 2**20:.1f} MiB to carry (tiny preset: {PRESETS['tiny'].n_layer} layers)")
     return 0

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import gptj_tvm
 from gptj_tvm.frontend.random_checkpoint import make_config, write_random_checkpoint
-from gptj_tvm.targets.convert import convert_weights
+from gptj_tvm.compiler.convert import convert_weights
 
 PROMPT = [464, 10730, 29598, 11, 290, 262, 2068, 7586, 21831, 3, 99, 12000]
 MODELS = {"tiny": ("tiny", None), "full4": ("gptj-6b", 4), "gptj-6b": ("gptj-6b", None)}
@@ -79,7 +79,7 @@ def read_bandwidth() -> float:
 
 def benchmark(folder: Path, bandwidth: float) -> dict:
     gen = gptj_tvm.load(folder)
-    weight_bytes = sum(info["bytes"] for info in gen.meta["weight_files"].values())
+    weight_bytes = gen.meta.weight_bytes
     result = {"weight_bytes": weight_bytes, "read_bandwidth_gb_s": bandwidth / 1e9,
               "bound_ms": weight_bytes / bandwidth * 1e3}
     prompt = [(7 * i) % 50000 + 1 for i in range(1024)]

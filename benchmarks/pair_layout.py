@@ -1,4 +1,4 @@
-"""bfloat16 GEMMs on column pairs (frontend/pair_gemm.py) against column tiles, in one process, next to the bound.
+"""bfloat16 GEMMs on column pairs (kernels/pair_gemm.py) against column tiles, in one process, next to the bound.
 
     python benchmarks/pair_layout.py [--layers 8] [--rounds 10] [--out benchmarks/results/pair_layout.json]
 
@@ -27,9 +27,10 @@ import tvm
 from tvm import te
 from tvm.s_tir import dlight as dl
 
-from gptj_tvm.frontend.config import weight_tile
-from gptj_tvm.frontend.pair_gemm import pair_matmul
-from gptj_tvm.frontend.weights import paired, tiled
+from gptj_tvm.frontend.layouts.column_tiles import weight_tile
+from gptj_tvm.kernels.pair_gemm import pair_matmul
+from gptj_tvm.frontend.layouts.column_pairs import pair_tile, paired
+from gptj_tvm.frontend.layouts.column_tiles import tiled
 from gptj_tvm.schedules.cpu_matmul import CPUMatmul
 from gptj_tvm.targets.bandwidth import read_bandwidth
 from gptj_tvm.targets.llvm import host_target
@@ -58,7 +59,7 @@ def tiles_kernel(k: int, n: int, rows: int, target):
 
 
 def pairs_kernel(k: int, n: int, target):
-    func = pair_matmul(k, n, "bfloat16", bias=True).with_attr("global_symbol", "main")
+    func = pair_matmul(k, n, pair_tile(k, n), "bfloat16", bias=True).with_attr("global_symbol", "main")
     return tvm.tirx.build(tvm.IRModule({"main": func}), target=target)["main"]
 
 

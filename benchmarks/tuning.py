@@ -6,7 +6,7 @@ Per kernel (W_in = [q|k|v|fc_in], W_out = [out_proj; fc_out], lm_head): dlight's
 none of them takes an [in, out] GEMV, so the kernel runs as legalized), this project's default rule, the
 MetaSchedule-tuned schedule, and what `compile --tuning-db` runs (tuned where it beat the default), each timed
 alone with TVM's time_evaluator, next to its bound (bytes read / read bandwidth measured in the same run with
-every core); and the hand-written GEMV on the same weight in column pairs (frontend/pair_gemm.py), what a
+every core); and the hand-written GEMV on the same weight in column pairs (kernels/pair_gemm.py), what a
 bfloat16 CPU artifact runs without a tuning database. Then one decode block: the tuned GEMVs plus the
 block's other kernels (LayerNorm, rotary + append, attention at context 128), against numpy doing the same
 block in float32 with its BLAS. Tuning resumes from --db. Run it with nothing else on the machine.
@@ -28,14 +28,15 @@ import tvm
 from gptj_tvm.targets.bandwidth import read_bandwidth
 from tvm.s_tir import dlight as dl
 
-from gptj_tvm.frontend.pair_gemm import pair_matmul
+from gptj_tvm.frontend.layouts.column_pairs import pair_tile
+from gptj_tvm.kernels.pair_gemm import pair_matmul
 from gptj_tvm.frontend.random_checkpoint import make_config
 from gptj_tvm.ir import pipeline
 from gptj_tvm.schedules.cpu_matmul import CPUMatmul
 from gptj_tvm.schedules.database import TuningDatabase
 from gptj_tvm.schedules.measure import random_args, time_ms
 from gptj_tvm.schedules.tune import gemm_tasks, tune
-from gptj_tvm.targets.compile import export_model
+from gptj_tvm.compiler.build import export_model
 from gptj_tvm.targets.llvm import host_target
 from gptj_tvm.targets.resolve import tuning_fingerprint
 
@@ -61,7 +62,7 @@ def pairs_ms(func, target, rng) -> float:
               and all(isinstance(s, tvm.tirx.IntImm) for s in p.ty.shape)]
     weight = max(shapes, key=np.prod)  # the input vector [1, 1, K] and the output are 3-D too
     k, n = weight[1], weight[0] * weight[2]
-    pairs = pair_matmul(k, n, "bfloat16", bias=True)
+    pairs = pair_matmul(k, n, pair_tile(k, n), "bfloat16", bias=True)
     return time_ms(pairs, target, random_args(pairs, rng))
 
 

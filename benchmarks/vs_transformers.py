@@ -22,7 +22,9 @@ import sys
 import time
 from pathlib import Path
 
-THREADS = int(os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0)))))  # before TVM starts
+from gptj_tvm import default_threads  # importing gptj_tvm sets TVM_NUM_THREADS before TVM starts
+
+THREADS = int(os.environ.get("TVM_NUM_THREADS", default_threads()))
 
 
 def prompt_ids(n: int) -> list[int]:
@@ -35,10 +37,10 @@ def run_ours(artifact: str, prompt: list[int], new_tokens: int) -> dict:
     gen = gptj_tvm.load(artifact)
     gen.generate(prompt[:8], max_new_tokens=2)  # warm up
     out = gen.generate(prompt, max_new_tokens=new_tokens, temperature=0)
-    weight_bytes = sum(info["bytes"] for info in gen.meta["weight_files"].values())
+    weight_bytes = gen.meta.weight_bytes
     return {"ids": out.ids, "prefill_s": out.stats["prefill_s"],
             "decode_ms": 1e3 * out.stats["decode_s"] / max(out.stats["decode_steps"], 1),
-            "weight_bytes": weight_bytes, "dtype": gen.meta["dtype"], "quantization": gen.meta.get("quantization")}
+            "weight_bytes": weight_bytes, "dtype": gen.meta.dtype, "quantization": gen.meta.quantization}
 
 
 def run_transformers(checkpoint: str, prompt: list[int], new_tokens: int) -> dict:

@@ -15,7 +15,7 @@ import ml_dtypes
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from gptj_tvm.errors import GptjError
+from gptj_tvm.core.errors import GptjError
 
 from .torch_zip import TorchZipFile
 

@@ -1,66 +1,26 @@
 """GPT-J's configuration, read from a Hugging Face `config.json`, and the numbers that define GPT-J.
 
 The keys and their meanings are those of docs/GPTJ-MATH.md. Every number that defines GPT-J beyond the config
-(LayerNorm eps default, rotary base, gelu_new's constant) is named here once.
+(LayerNorm eps default, rotary base, gelu_new's constants) is named once, in core/constants.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from pathlib import Path
 
 import numpy as np
 
-from gptj_tvm.errors import GptjError
+from gptj_tvm.core.constants import DEFAULT_LAYER_NORM_EPS, ROTARY_BASE
+from gptj_tvm.core.errors import GptjError
 
 # prompt lengths that get a static `prefill_B` by default (compile, on CPUs) and whose GEMMs `tune` tunes
 PREFILL_BUCKETS = (32, 128)
 
-ROTARY_BASE = 10000.0
-GELU_NEW_COEFF = 0.044715
-GELU_NEW_SCALE = math.sqrt(2.0 / math.pi)
-DEFAULT_LAYER_NORM_EPS = 1e-5
 DTYPES = ("float32", "float16", "bfloat16")
 # lm_head's columns are padded with zeros to a multiple of this, so its GEMV splits into even, wide strips.
 LM_HEAD_PAD = 512
-# Linear weights are stored in column tiles [out / tile, in, tile] (weights.py): a GEMV then streams each tile
-# as one contiguous run. Plain [in, out] rows of 28672 bf16 columns ran at 10 GB/s; the widest tile wins.
-WEIGHT_TILES = (512, 256, 128, 64, 32, 16, 8)
-
-
-# Where a compiled model's linear weights live: CPU kernels read column tiles (above), or, for bfloat16, column
-# pairs (below); GPU GEMVs (dlight's GEMV rule: one warp group per output row, a cross-thread sum) read Hugging
-# Face's own [out, in] rows.
-COLUMN_TILES, COLUMN_PAIRS, ROWS = "column-tiles", "column-pairs", "rows"
-WEIGHT_LAYOUTS = (COLUMN_TILES, COLUMN_PAIRS, ROWS)
-# Column pairs: [out / tile, in / 2, tile, 2], two input features of a column in one 32-bit word, which a shift
-# and a mask widen to two float32 (frontend/pair_gemm.py). Narrower tiles than column tiles': a tile's
-# accumulators for 4 prompt positions must fit in registers.
-PAIR_TILES = (64, 32, 16, 8)
-
-
-def weight_tile(out_features: int) -> int:
-    """The column tile of a [in, out_features] weight: the widest of WEIGHT_TILES that divides it."""
-    return next((t for t in WEIGHT_TILES if out_features % t == 0), out_features)
-
-
-def pair_tile(in_features: int, out_features: int) -> int | None:
-    """The tile of a [in, out_features] weight in column pairs, or None where the weight does not pair (odd
-    in_features, or no PAIR_TILES width divides out_features): such a weight stays in column tiles."""
-    if in_features % 2:
-        return None
-    return next((t for t in PAIR_TILES if out_features % t == 0), None)
-
-
-def linear_layout(layout: str, in_features: int, out_features: int) -> str:
-    """The layout one [in, out] weight of a model compiled for `layout` is stored in."""
-    if layout == COLUMN_PAIRS and pair_tile(in_features, out_features) is None:
-        return COLUMN_TILES
-    return layout
-
-
 @dataclasses.dataclass(frozen=True)
 class GPTJConfig:
     vocab_size: int = 50400

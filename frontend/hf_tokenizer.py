@@ -11,11 +11,12 @@ keeps the result as one tokenizer.json, so the runtime loads exactly what compil
 from __future__ import annotations
 
 import json
+from importlib import resources
 from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
-from gptj_tvm.errors import GptjError
+from gptj_tvm.core.errors import GptjError
 
 from .config import GPTJConfig
 
@@ -26,10 +27,9 @@ END_MARKERS = ("### End",)
 
 
 def packaged_tokenizer_dir() -> Path:
-    """The GPT-2 tokenizer files shipped with the package (encoder.json, vocab.bpe): GPT-J's own."""
-    import gptj_tvm  # the package root knows where its data lives, installed or not
-
-    return Path(gptj_tvm.__file__).resolve().parent / "data" / "gpt2"
+    """The GPT-2 tokenizer files shipped with the package (encoder.json, vocab.bpe): GPT-J's own. Package data
+    of gptj_tvm (setup.cfg), found through importlib wherever the package is installed."""
+    return Path(str(resources.files("gptj_tvm").joinpath("data", "gpt2")))
 
 
 def _read_json(path: Path):

@@ -17,9 +17,9 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from gptj_tvm.errors import GptjError
+from gptj_tvm.core.errors import GptjError
 
-from gptj_tvm.files import staging_dir
+from gptj_tvm.core.files import staging_dir
 
 from .config import PRESETS, GPTJConfig
 from .hf_tokenizer import packaged_tokenizer_dir

@@ -21,7 +21,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from gptj_tvm.errors import GptjError
+from gptj_tvm.core.errors import GptjError
 
 STORAGE_DTYPES = {
     "DoubleStorage": np.dtype(np.float64), "FloatStorage": np.dtype(np.float32),

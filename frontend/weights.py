@@ -16,11 +16,12 @@ import ml_dtypes
 import numpy as np
 from safetensors.numpy import save_file
 
-from gptj_tvm.errors import GptjError
+from gptj_tvm.core.errors import GptjError
 
-from . import quantization as quant
 from .checkpoint_files import CheckpointFiles
-from .config import COLUMN_PAIRS, COLUMN_TILES, ROWS, GPTJConfig, linear_layout, pair_tile, rotary_tables, weight_tile
+from .config import GPTJConfig, rotary_tables
+from .layouts import LayoutPlan
+from .layouts.base import as_bits
 
 NUMPY_DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16),
                 "bfloat16": np.dtype(ml_dtypes.bfloat16)}
@@ -42,6 +43,16 @@ class Source:
     parts: tuple[Part, ...]
     axis: int = 0
     pad_last_to: int | None = None
+
+    @property
+    def linear(self) -> bool:
+        return any(part.transpose for part in self.parts)
+
+    def in_out(self) -> tuple[int, int]:
+        """A linear weight's (in_features, out_features) as the model sees it, padding included."""
+        outs, ins = [p.hf_shape[0] for p in self.parts], [p.hf_shape[1] for p in self.parts]
+        in_features, out_features = (ins[0], sum(outs)) if self.axis == 1 else (sum(ins), outs[0])
+        return in_features, max(out_features, self.pad_last_to or 0)
 
 
 def _one(hf_name: str, shape: tuple[int, ...], transpose: bool = False, pad_last_to: int | None = None) -> Source:
@@ -91,28 +102,9 @@ def hf_tensors(config: GPTJConfig) -> dict[str, tuple[int, ...]]:
             for part in src.parts}
 
 
-def tiled(weight: np.ndarray) -> np.ndarray:
-    """[in, out] -> [out / tile, in, tile] (config.weight_tile), contiguous: each column tile in one run."""
-    k, n = weight.shape
-    t = weight_tile(n)
-    bits = weight.view(np.uint16) if weight.dtype.itemsize == 2 else weight
-    return np.ascontiguousarray(bits.reshape(k, n // t, t).transpose(1, 0, 2)).view(weight.dtype)
-
-
-def paired(weight: np.ndarray) -> np.ndarray:
-    """[in, out] -> [out / tile, in / 2, tile, 2] (config.pair_tile), contiguous: input features 2r and 2r + 1
-    of a column side by side, each column tile in one run."""
-    k, n = weight.shape
-    t = pair_tile(k, n)
-    bits = weight.view(np.uint16) if weight.dtype.itemsize == 2 else weight
-    return np.ascontiguousarray(bits.reshape(k // 2, 2, n // t, t).transpose(2, 0, 3, 1)).view(weight.dtype)
-
-
 def _transposed(tensor: np.ndarray) -> np.ndarray:
     # numpy copies native 2-byte types much faster than ml_dtypes' bfloat16: move the bits as uint16
-    if tensor.dtype.itemsize == 2:
-        return np.ascontiguousarray(tensor.view(np.uint16).T).view(tensor.dtype)
-    return np.ascontiguousarray(tensor.T)
+    return np.ascontiguousarray(as_bits(tensor).T).view(tensor.dtype)
 
 
 class Checkpoint:
@@ -152,23 +144,18 @@ class Checkpoint:
     def read(self, hf_name: str) -> np.ndarray:
         return self.files.read(hf_name)
 
-    def converted(self, dtype: str, fuse_block: bool = True, layout: str = COLUMN_TILES,
-                  quantization: str | None = None) -> Iterator[tuple[str, np.ndarray]]:
-        """Our tensors in our layout and `dtype`, one at a time; the rotary tables (float32) come first.
-        Linear weights go to `layout`: [in, out] in column tiles or pairs, or HF's own [out, in] rows (ROWS); with
-        `quantization` (q8, q4: frontend/quantization.py) each becomes its levels and its scales (`.scale`)."""
+    def converted(self, dtype: str, plan: LayoutPlan, fuse_block: bool = True) -> Iterator[tuple[str, np.ndarray]]:
+        """Our tensors in `dtype`, one at a time, the rotary tables (float32) first, each linear weight in the
+        layout `plan` gives it (frontend/layouts/: from [in, out], or from HF's own [out, in] rows)."""
         cos, sin = rotary_tables(self.config)
         yield "rotary.cos", cos
         yield "rotary.sin", sin
         for ours, src in hf_name_map(self.config, fuse_block).items():
             # vectors (LayerNorm, biases) stay float32 whatever the dtype: the model reads them in float32
             target = NUMPY_DTYPES[dtype] if len(src.parts[0].hf_shape) == 2 else np.dtype(np.float32)
-            linear = any(part.transpose for part in src.parts)
-            rows = linear and layout == ROWS  # the HF layout already: nothing to transpose
-            scheme = None
-            if linear and quantization is not None:
-                scheme = quant.LM_HEAD if ours == "lm_head.weight" else quantization
-            if scheme is not None:  # quantized from the checkpoint's own values, not from rounded ones
+            layout = plan.layout_for(ours.rsplit(".", 1)[0], *src.in_out()) if src.linear else None
+            rows = layout is not None and layout.hf_rows  # the HF layout already: nothing to transpose
+            if layout is not None and layout.quantized:  # from the checkpoint's own values, not rounded ones
                 target = self.dtype_of(src.parts[0].hf_name)
             pieces = []
             for part in src.parts:
@@ -184,14 +171,11 @@ class Checkpoint:
                 padding = [(0, 0)] * tensor.ndim
                 padding[out_axis] = (0, src.pad_last_to - tensor.shape[out_axis])
                 tensor = np.pad(tensor, padding)
-            if scheme is not None:
-                levels, scales = quant.quantize(tensor, scheme)
-                yield ours, quant.pack(levels, scheme)
-                yield ours.replace(".weight", ".scale"), quant.tiled(scales)
+            if layout is None:
+                yield ours, np.ascontiguousarray(tensor)
                 continue
-            if linear and not rows:  # [in, out] -> [out / t, in, t] or [out / t, in / 2, t, 2]
-                tensor = paired(tensor) if linear_layout(layout, *tensor.shape) == COLUMN_PAIRS else tiled(tensor)
-            yield ours, np.ascontiguousarray(tensor)
+            for name, array in layout.convert(tensor).items():
+                yield ours.replace(".weight", f".{name}"), array
 
 
 def write_shards(tensors: Iterator[tuple[str, np.ndarray]], out_dir: Path, shard_bytes: int = SHARD_BYTES,

@@ -7,7 +7,7 @@
 
 import os
 
-from .errors import GptjError
+from .core.errors import GptjError
 
 __version__ = "0.1.0"
 

@@ -9,7 +9,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .errors import GptjError
+from .core.errors import GptjError
 from .frontend.config import PREFILL_BUCKETS
 
 DTYPE_CHOICES = ("float32", "float16", "bfloat16")
@@ -19,9 +19,9 @@ def _runtime_library_only(artifact) -> None:
     """Running a CPU or Vulkan artifact needs TVM's runtime library only: without its compiler library (loaded
     by default, and never used here) a process holds about 100 MB less. Set before TVM is first imported.
     Reads the artifact's metadata, so a bad artifact fails here, in one line."""
-    from .runtime.artifact import read_metadata  # imports no TVM
+    from .runtime.artifact import ArtifactMetadata  # imports no TVM
 
-    device = read_metadata(Path(artifact))["device"]
+    device = ArtifactMetadata.read(Path(artifact)).device
     if "tvm" not in sys.modules and device in ("cpu", "vulkan"):
         os.environ.setdefault("TVM_USE_RUNTIME_LIB", "1")
 
@@ -44,36 +44,31 @@ def cmd_init_random(args) -> int:
     return 0
 
 
+def _build_options(args) -> dict:
+    """The options compile and tune share (_add_build_options)."""
+    return dict(target=args.target, arch=args.arch, dtype=args.dtype, fuse_block=not args.no_fuse_block,
+                prefill_buckets=args.prefill_buckets, progress=not args.quiet)
+
+
 def cmd_compile(args) -> int:
-    from .targets.compile import compile_model
+    from .compiler.compile import compile_model, describe_source
+    from .compiler.options import CompileOptions
 
-    meta = compile_model(args.model_dir, args.output, target=args.target, dtype=args.dtype, arch=args.arch,
-                         fuse_block=not args.no_fuse_block, tuning_db=args.tuning_db, progress=not args.quiet,
-                         weights=not args.no_weights, quantization=args.quantization,
-                         prefill_buckets=args.prefill_buckets)
-    if args.tuning_db and not args.quiet:
-        kinds = list(meta["kernels"].values())
-        tuned = kinds.count("tuned")
-        print(f"schedules: {tuned} kernels tuned, {len(kinds) - tuned} default or hand-written")
-    if not args.quiet:
-        print(_describe_source(meta["source"]))
-        timings = meta["compile_timings"]
-        weights = (f"weights {timings['weights_s']:.1f} s" if "weights_s" in timings else
-                   f"no weights yet (gptj-tvm convert-weights {args.model_dir} {args.output})")
-        print(f"compiled {args.model_dir} -> {args.output} ({meta['dtype']}, {_target_name(meta['target'])}): "
-              f"library {timings['library_s']:.1f} s, {weights}")
+    options = CompileOptions(**_build_options(args), tuning_db=args.tuning_db, weights=not args.no_weights,
+                             quantization=args.quantization)
+    meta = compile_model(args.model_dir, args.output, options)
+    if args.quiet:
+        return 0
+    if args.tuning_db:
+        tuned = list(meta.kernels.values()).count("tuned")
+        print(f"schedules: {tuned} kernels tuned, {len(meta.kernels) - tuned} default or hand-written")
+    print(describe_source(meta.source))
+    timings = meta.compile_timings
+    weights = (f"weights {timings['weights_s']:.1f} s" if "weights_s" in timings else
+               f"no weights yet (gptj-tvm convert-weights {args.model_dir} {args.output})")
+    print(f"compiled {args.model_dir} -> {args.output} ({meta.dtype}, {_target_name(meta.target)}): "
+          f"library {timings['library_s']:.1f} s, {weights}")
     return 0
-
-
-def _describe_source(source: dict) -> str:
-    tokenizer = source["tokenizer"]
-    added = f", {tokenizer['added_tokens']} added tokens" if tokenizer["added_tokens"] else ""
-    if "format" not in source:
-        return f"read config.json (no weights); tokenizer from {tokenizer['source']}{added}"
-    files = f"{source['files']} file{'s' if source['files'] > 1 else ''}"
-    ignored = f", {source['ignored_buffers']} stored mask buffers ignored" if source["ignored_buffers"] else ""
-    return (f"read {source['format']} weights ({files}, {source['dtype']}){ignored}; "
-            f"tokenizer from {tokenizer['source']}{added}")
 
 
 def _target_name(target: dict) -> str:
@@ -81,44 +76,28 @@ def _target_name(target: dict) -> str:
 
 
 def cmd_convert_weights(args) -> int:
-    from .targets.convert import convert_weights  # numpy and safetensors; no TVM compiler
+    from .compiler.convert import convert_weights  # numpy and safetensors; no TVM compiler
 
     meta = convert_weights(args.model_dir, args.artifact, progress=not args.quiet)
     if not args.quiet:
-        print(f"converted {args.model_dir} into {args.artifact} ({meta['dtype']}, {meta['weight_layout']}): "
-              f"{len(meta['weight_files'])} files in {meta['compile_timings']['weights_s']:.1f} s")
+        print(f"converted {args.model_dir} into {args.artifact} ({meta.dtype}, {meta.layouts['blocks']}): "
+              f"{len(meta.weight_files)} files in {meta.compile_timings['weights_s']:.1f} s")
     return 0
 
 
 def cmd_tune(args) -> int:
-    from .targets.compile import tune_model
+    from .compiler.options import TuneOptions
+    from .compiler.tune import describe_tuning, tune_model
 
-    summary = tune_model(args.model_dir, args.output, target=args.target, dtype=args.dtype, arch=args.arch,
-                         fuse_block=not args.no_fuse_block, trials=args.trials, max_seconds=args.max_seconds,
-                         progress=not args.quiet, prefill_buckets=args.prefill_buckets)
+    options = TuneOptions(**_build_options(args), trials=args.trials, max_seconds=args.max_seconds)
+    summary = tune_model(args.model_dir, args.output, options)
     if summary["tasks"] == 0:
-        print("nothing to tune: this model's GEMMs run hand-written kernels on this CPU (frontend/x86_gemm.py)")
+        print("nothing to tune: this model's GEMMs run hand-written kernels on this CPU (kernels/)")
     print(f"{args.output}: {summary['tuned']} tasks tuned, {summary['resumed']} already there, "
           f"{summary['skipped_for_time']} left for lack of time, of {summary['tasks']} "
           f"({summary['seconds']:.0f} s)")
-    print(_describe_tuning(summary["tuned_vs_default"]))
+    print(describe_tuning(summary["tuned_vs_default"]))
     return 0
-
-
-def _describe_tuning(comparison: dict) -> str:
-    """tune's closing line: what compile --tuning-db would change, per token, measured interleaved."""
-    if not comparison:
-        return "what it changes: nothing here (no tuned kernel beats its default schedule)"
-    parts = []
-    for phase, c in comparison.items():
-        ms_a, ms_b = c["a_median"], c["b_median"]
-        advice = ("worth using" if c["ratio_range"][1] < 1.0 else "costs time: compile without it"
-                  if c["ratio_range"][0] > 1.0 else "no clear difference")
-        kernels = f"{c['kernels']} kernel{'s' if c['kernels'] > 1 else ''}"
-        parts.append(f"{phase} GEMMs ({kernels}) {ms_b:.3f} ms per token tuned vs {ms_a:.3f} default, "
-                     f"{c['ratio_median']:.2f}x (rounds {c['ratio_range'][0]:.2f}-{c['ratio_range'][1]:.2f}): "
-                     f"{advice}")
-    return "what it changes, interleaved: " + "; ".join(parts)
 
 
 def _buckets(text: str) -> tuple[int, ...]:
@@ -179,30 +158,10 @@ def cmd_devices(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from .runtime.artifact import read_metadata
-    from .runtime.engine import runnable_here
-    from .runtime.inspect import inspect_artifact
+    from .runtime.inspect import format_report, inspect_artifact
 
-    report = inspect_artifact(args.artifact, run=not args.no_run and runnable_here(read_metadata(Path(args.artifact))))
-    if args.json:
-        print(json.dumps(report, indent=2))
-        return 0
-    print(f"{report['artifact']}: {report['dtype']}, {_target_name(report['target'])}, "
-          f"{report['n_layer']} layers, {'fused' if report['fuse_block'] else 'plain'} blocks")
-    print(f"kernels counted from {report['kernels_counted_from']}")
-    print(f"functions: {', '.join(report['functions'])}")
-    print(f"weights: {report['weight_bytes'] / 2**20:.1f} MiB, {report['weight_bytes_per_block'] / 2**20:.1f} "
-          "MiB per block")
-    for phase in ("decode", "prefill"):
-        print(f"{phase}: {report[f'{phase}_kernel_launches']} kernel launches per step, "
-              f"{report[f'{phase}_kernels_per_block']} per block: {' -> '.join(report[f'{phase}_block_kernels'])}")
-    if report["prefill_buckets"]:
-        print(f"prefill in chunks of {', '.join(map(str, report['prefill_buckets']))} tokens "
-              "(static prefill functions), then the rest")
-    print("kernels (schedule, calls per decode step, per prefill, per prefill of every bucket):")
-    for name, info in report["kernels"].items():
-        print(f"  {name:48s} {info['schedule']:24s} {info['decode_calls']:4d} {info['prefill_calls']:4d} "
-              f"{info['prefill_bucket_calls']:4d}")
+    report = inspect_artifact(args.artifact, run=False if args.no_run else None)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
 
 
@@ -218,20 +177,15 @@ def cmd_bench(args) -> int:
                         progress=not args.json)
         print(json.dumps(result, indent=2) if args.json else table(result))
         return 0
-    from .runtime.bench import add_bound, read_bandwidth, run_bench, table
+    from .runtime.bench import NO_BOUND, bench_with_bound, table
 
-    # measured before and after the runs, the best of the two: other tenants of a machine come and go
-    bandwidth = None if args.no_bandwidth else read_bandwidth()
-    result = run_bench(args.artifacts[0], progress=not args.json)
-    if bandwidth is not None:
-        samples = [b for b in (bandwidth, read_bandwidth()) if b]
-        add_bound(result, max(samples), samples)
+    result = bench_with_bound(args.artifacts[0], bandwidth=not args.no_bandwidth, progress=not args.json)
     if args.json:
         print(json.dumps(result, indent=2))
-    else:
-        print(table(result))
-        if bandwidth is None and not args.no_bandwidth:
-            print("(no bound: the bandwidth is measured with a TVM-compiled kernel, and this TVM has no compiler)")
+        return 0
+    print(table(result))
+    if "read_bandwidth_gb_s" not in result and not args.no_bandwidth:
+        print(NO_BOUND)
     return 0
 
 
@@ -239,7 +193,7 @@ def cmd_demo(args) -> int:
     """A tiny random GPT-J: written, compiled for this CPU, and generating, all in a temporary folder."""
     from . import load
     from .frontend.random_checkpoint import make_config, write_random_checkpoint
-    from .targets.compile import compile_model
+    from .compiler.compile import compile_model
 
     with tempfile.TemporaryDirectory(prefix="gptj-tvm-demo-") as tmp:
         model_dir, artifact_dir = Path(tmp) / "checkpoint", Path(tmp) / "artifact"
@@ -247,8 +201,8 @@ def cmd_demo(args) -> int:
         write_random_checkpoint(model_dir, make_config("tiny", None, None), seed=args.seed)
         print("2/3 compiling it for this CPU with TVM")
         meta = compile_model(model_dir, artifact_dir)
-        print(f"    target {meta['target']['kind']} -mcpu={meta['target'].get('mcpu')} "
-              f"in {meta['compile_timings']['library_s']:.1f} s")
+        print(f"    target {meta.target['kind']} -mcpu={meta.target.get('mcpu')} "
+              f"in {meta.compile_timings['library_s']:.1f} s")
         print(f"3/3 generating (random weights, so the text is noise): {args.prompt!r} ->")
         gen = load(artifact_dir)
         sys.stdout.write(args.prompt)
@@ -262,10 +216,19 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gptj-tvm", description="GPT-J compiled by Apache TVM.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def _add_build_options(p: argparse.ArgumentParser, command: str, targets: str, buckets: str) -> None:
+    """The options compile and tune share (compiler/options.py's BuildOptions)."""
+    p.add_argument("--target", default="llvm", help=targets)
+    p.add_argument("--arch", help="CUDA GPU generation, e.g. sm_80 (A100), sm_89 (L4), sm_90 (H100); "
+                                  "default: the visible GPU's")
+    p.add_argument("--dtype", help="float32, float16 or bfloat16 (default: the checkpoint's)")
+    p.add_argument("--no-fuse-block", action="store_true",
+                   help=f"{command} the plain graph, each block's projections separate (for comparison)")
+    p.add_argument("--prefill-buckets", type=_buckets, metavar="B,B,...", help=buckets)
+    p.add_argument("--quiet", action="store_true", help="no progress output")
 
+
+def _add_init_random(sub) -> None:
     p = sub.add_parser("init-random", help="write a GPT-J checkpoint (HF layout) with random weights",
                        description="Write a GPT-J checkpoint in the Hugging Face layout with random weights.")
     p.add_argument("dir", help="output folder (must not exist or be empty)")
@@ -281,20 +244,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=cmd_init_random)
 
+
+def _add_compile(sub) -> None:
     p = sub.add_parser("compile", help="compile a GPT-J checkpoint into an artifact folder",
                        description="Compile a Hugging Face GPT-J checkpoint for a target; write an artifact "
                                    "folder (library, converted weights, tokenizer, metadata).")
     p.add_argument("model_dir", help="checkpoint folder (config.json, *.safetensors or pytorch_model*.bin, "
                                      "tokenizer files)")
     p.add_argument("-o", "--output", required=True, help="artifact folder to write")
-    p.add_argument("--target", default="llvm",
-                   help="llvm (this host's CPU; default), cuda (NVIDIA GPUs; device code built here with nvcc) "
-                        "or vulkan (any Vulkan GPU, through WGSL and wgpu; float32 or float16)")
-    p.add_argument("--arch", help="CUDA GPU generation, e.g. sm_80 (A100), sm_89 (L4), sm_90 (H100); "
-                                  "default: the visible GPU's")
-    p.add_argument("--dtype", help="float32, float16 or bfloat16 (default: the checkpoint's)")
-    p.add_argument("--no-fuse-block", action="store_true",
-                   help="keep each block's projections separate (the plain graph, for comparison and debugging)")
+    _add_build_options(p, "compile", targets="llvm (this host's CPU; default), cuda (NVIDIA GPUs; device code "
+                                              "built here with nvcc) or vulkan (any Vulkan GPU, through WGSL and "
+                                              "wgpu; float32 or float16)",
+                       buckets="prompt lengths with a static prefill function; long prompts are prefilled in "
+                               f"chunks of them (default {','.join(map(str, PREFILL_BUCKETS))} for float32/float16 "
+                               "CPU artifacts, else none; 'none': one dynamic prefill), plus the tuning database's")
     p.add_argument("--quantization", choices=("q8", "q4"),
                    help="weight-only, symmetric, per group of 32 input features with float16 scales: q8 int8 "
                         "levels (8.5 bits per weight), q4 4-bit (4.5 bits); lm_head q8, embedding unquantized; "
@@ -303,13 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="build the library from config.json alone; add the weights later with convert-weights")
     p.add_argument("--tuning-db", help="a database from `gptj-tvm tune`: tuned schedules where it has them "
                                        "(bfloat16: the tuned column-tile GEMMs in place of the pair kernels)")
-    p.add_argument("--prefill-buckets", type=_buckets, metavar="B,B,...",
-                   help="prompt lengths with a static prefill function; long prompts are prefilled in chunks "
-                        f"of them (default {','.join(map(str, PREFILL_BUCKETS))} for float32/float16 CPU "
-                        "artifacts, else none; 'none': one dynamic prefill), plus the tuning database's")
-    p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=cmd_compile)
 
+
+def _add_convert_weights(sub) -> None:
     p = sub.add_parser("convert-weights", help="add a checkpoint's weights to an artifact (no TVM compiler needed)",
                        description="Convert a checkpoint's weights into an artifact made by `compile --no-weights` "
                                    "(same config); needs numpy and safetensors only, so it runs where only TVM's "
@@ -320,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=cmd_convert_weights)
 
+
+def _add_tune(sub) -> None:
     p = sub.add_parser("tune", help="tune the model's kernels for this hardware with MetaSchedule",
                        description="Tune the GEMM kernels of decode and of prefill at a few prompt lengths "
                                    "(buckets) with MetaSchedule (XGBoost cost model) into a JSON database keyed "
@@ -330,19 +292,17 @@ def build_parser() -> argparse.ArgumentParser:
                                    "tuning a bfloat16 model tunes the column-tile GEMMs a database then selects.")
     p.add_argument("model_dir", help="checkpoint folder (config.json; the weights are not read)")
     p.add_argument("-o", "--output", required=True, help="tuning database file (JSON) to write or resume")
-    p.add_argument("--target", default="llvm", help="llvm (this host's CPU; default; the only one for now)")
-    p.add_argument("--arch", help="with --target cuda: the GPU's arch")
-    p.add_argument("--dtype", help="float32, float16 or bfloat16 (default: the checkpoint's)")
-    p.add_argument("--no-fuse-block", action="store_true", help="tune the plain graph's kernels")
+    _add_build_options(p, "tune", targets="llvm (this host's CPU; default; the only one for now)",
+                       buckets="prompt lengths whose prefill GEMMs are tuned (default "
+                               f"{','.join(map(str, PREFILL_BUCKETS))}, those within the context; 'none': "
+                               "decode only)")
     p.add_argument("--trials", type=int, default=64,
                    help="trials per task on average (default 64), spread by each task's time per token")
     p.add_argument("--max-seconds", type=float, help="bound the whole run; tasks left over are skipped")
-    p.add_argument("--prefill-buckets", type=_buckets, metavar="B,B,...",
-                   help="prompt lengths whose prefill GEMMs are tuned (default "
-                        f"{','.join(map(str, PREFILL_BUCKETS))}, those within the context; 'none': decode only)")
-    p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=cmd_tune)
 
+
+def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="generate text with a compiled artifact",
                        description="Generate text with a compiled artifact; streams to stdout.")
     p.add_argument("artifact", help="artifact folder made by `gptj-tvm compile`")
@@ -360,12 +320,16 @@ def build_parser() -> argparse.ArgumentParser:
                                     "(see `gptj-tvm devices`; default the first)")
     p.set_defaults(func=cmd_generate)
 
+
+def _add_devices(sub) -> None:
     p = sub.add_parser("devices", help="list the Vulkan adapters and CUDA GPUs this machine has",
                        description="List the GPUs artifacts can run on: Vulkan adapters (name, type, driver; "
                                    "Mesa's lavapipe is a CPU one) and CUDA GPUs (name, compute capability).")
     p.add_argument("--json", action="store_true", help="one JSON object")
     p.set_defaults(func=cmd_devices)
 
+
+def _add_inspect(sub) -> None:
     p = sub.add_parser("inspect", help="what an artifact holds: functions, kernels per block, weights",
                        description="Show what was compiled: functions, kernels per block for prefill and decode "
                                    "(counted from a real run), weight bytes, dtype, target, schedule per kernel.")
@@ -376,6 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "artifact's device is missing)")
     p.set_defaults(func=cmd_inspect)
 
+
+def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="prefill and decode speed, load time and peak RSS, next to the bandwidth bound; "
                                      "or two artifacts A/B, round by round",
                        description="Time an artifact here: prefill tokens/s (128- and 512-token prompts), decode "
@@ -392,12 +358,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-bandwidth", action="store_true", help="skip measuring the bandwidth (no bound)")
     p.set_defaults(func=cmd_bench)
 
+
+def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="a tiny random GPT-J, compiled for this CPU, generating",
                        description="Write a tiny random GPT-J, compile it for this CPU and generate text.")
     p.add_argument("--prompt", default="Once upon a time", help="default 'Once upon a time'")
     p.add_argument("--max-new-tokens", type=int, default=24, help="default 24")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     p.set_defaults(func=cmd_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gptj-tvm", description="GPT-J compiled by Apache TVM.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_init_random, _add_compile, _add_convert_weights, _add_tune, _add_generate, _add_devices,
+                _add_inspect, _add_bench, _add_demo):
+        add(sub)
     return parser
 
 

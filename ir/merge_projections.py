@@ -2,8 +2,9 @@
 
 Expects: a `frontend.model.GPTJ` whose blocks are plain `Block`s (q_proj, k_proj, v_proj and fc_in each read
 LN(h); out_proj and fc_out each feed the residual sum).
-Leaves: the same model with every block a `FusedBlock`: [q | k | v | f] = LN(h) W_in + b_in reads the
-normalized input once, and [attn | gelu_new(f)] W_out + b_out + h writes the block's output once. The new
+Leaves: the same model with every block a `FusedBlock` (its linears in column tiles): [q | k | v | f] =
+LN(h) W_in + b_in reads the normalized input once, and [attn | gelu_new(f)] W_out + b_out + h writes the
+block's output once. The new
 parameters are h.{i}.w_in.{weight,bias} and h.{i}.w_out.{weight,bias}; `frontend.weights.hf_name_map(config,
 fuse_block=True)` builds them from the checkpoint at conversion, so no weight is concatenated at run time.
 
@@ -26,7 +27,7 @@ class _BlockMerger(Mutator):
     def visit_module(self, name: str, node: nn.Module):
         if isinstance(node, Block):
             self.merged += 1
-            return FusedBlock(node.config, node.dtype, node.variant)
+            return FusedBlock(node.config, node.dtype, node.gpu_loops)
         return super().visit_module(name, node)
 
 

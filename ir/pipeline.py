@@ -1,7 +1,8 @@
 """The compile pipeline, phase by phase, in order.
 
 `tvm.compile` on llvm neither fuses nor schedules, so the project states every phase here:
-    0. model         on the nn.Module, before export: merge_block_projections (ir/merge_projections.py)
+    0. model         on the nn.Module, before export: merge_block_projections (ir/merge_projections.py), then
+                     lay_out_linears (ir/linear_layouts.py): each linear in its compiled layout
     1. legalize      Relax operators -> TIR PrimFuncs
     2. fuse          annotate op patterns, fold constants, then FuseOps + FuseTIR: each GEMM takes its
                      epilogue (bias, gelu_new, residual add, casts) into one kernel
@@ -9,7 +10,7 @@
     4. lower         dataflow -> VM calls, static memory planning, shape lowering, global symbols
 The weights are already stored in the kernels' layout (frontend/weights.py), so no phase transposes or
 concatenates a weight at run time. Rotary + KV-cache append and attention are single TIR kernels written in
-frontend/kernels.py; LayerNorm stays a kernel of its own (fusing it into the W_in GEMV would need its
+kernels/attention.py; LayerNorm stays a kernel of its own (fusing it into the W_in GEMV would need its
 statistics before the first column tile).
 """
 
@@ -20,14 +21,22 @@ from typing import Callable
 import tvm
 from tvm import relax
 
+from gptj_tvm.frontend.layouts import LayoutPlan
+
 ScheduleFn = Callable[[tvm.IRModule], tvm.IRModule]
 
 
-def model_passes(fuse_block: bool) -> Callable:
-    """Phase 0, on the nn.Module: the block's projections merged (or the plain graph, for comparison)."""
+def model_passes(fuse_block: bool, plan: LayoutPlan) -> Callable:
+    """Phase 0, on the nn.Module: the block's projections merged (or the plain graph, for comparison), then
+    every linear laid out as `plan` says."""
+    from .linear_layouts import lay_out_linears
     from .merge_projections import merge_block_projections
 
-    return merge_block_projections if fuse_block else (lambda model: model)
+    def passes(model):
+        model = merge_block_projections(model) if fuse_block else model
+        return lay_out_linears(model, plan)
+
+    return passes
 
 
 def legalize_passes() -> list[tvm.transform.Pass]:

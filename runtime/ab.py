@@ -21,10 +21,10 @@ import numpy as np
 import psutil
 from tqdm import tqdm
 
-from gptj_tvm.errors import GptjError
-from gptj_tvm.interleaved import compare
+from gptj_tvm.core.errors import GptjError
+from gptj_tvm.core.interleaved import compare
 
-from . import artifact
+from .artifact import ArtifactMetadata
 from .bench import StepReads, cache_at, prompt, read_bandwidth, time_prefill
 from .engine import Generator
 
@@ -71,12 +71,12 @@ def run_ab(a, b, rounds: int = 5, context: int = 128, steps: int = 8, prefill_to
            bandwidth: bool = True, progress: bool = True) -> dict:
     if rounds < 2:
         raise GptjError(f"--rounds must be at least 2 to compare rounds, got {rounds}")
-    metas = [artifact.read_metadata(Path(folder)) for folder in (a, b)]
-    if metas[0]["config"] != metas[1]["config"]:
-        differs = sorted(k for k in metas[0]["config"] if metas[0]["config"][k] != metas[1]["config"].get(k))
+    metas = [ArtifactMetadata.read(Path(folder)) for folder in (a, b)]
+    if metas[0].config != metas[1].config:
+        differs = sorted(k for k in metas[0].config if metas[0].config[k] != metas[1].config.get(k))
         raise GptjError(f"{a} and {b} are different models ({', '.join(differs)} differ): A/B compares two "
                         "builds of one model")
-    weight_bytes = [sum(f["bytes"] for f in meta["weight_files"].values()) for meta in metas]
+    weight_bytes = [meta.weight_bytes for meta in metas]
     together = sum(weight_bytes) * MEMORY_MARGIN < psutil.virtual_memory().available
     contenders = [Contender(folder, context, steps) for folder in (a, b)] if together else None
     samples, rows = [], []

@@ -6,23 +6,132 @@
       params-0000N.safetensors the converted weights, in the compile dtype and the kernels' layout
       tokenizer.json           the checkpoint's tokenizer (GPT-2's byte-level BPE with its added tokens)
 
-A compile writes into a temporary sibling folder (gptj_tvm.files.staging_dir) and renames it into place at
+`ArtifactMetadata` is metadata.json: compile fills one in, and everything else reads it through this class.
+A compile writes into a temporary sibling folder (gptj_tvm.core.files.staging_dir) and renames it into place at
 the end, so an interrupted compile leaves nothing that looks like an artifact.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
 
-from gptj_tvm.errors import GptjError
+from gptj_tvm.core.errors import GptjError
+from gptj_tvm.frontend.layouts import LayoutPlan
 from gptj_tvm.targets.host import isa_features
 
-FORMAT_VERSION = 2  # 2: tokenizer.json (added tokens) and stop_token_ids, where 1 had vocab.json/merges.txt
+# 3: the linear layouts as a plan ("layouts"); 2: tokenizer.json (added tokens) and stop_token_ids
+FORMAT_VERSION = 3
 METADATA = "metadata.json"
 LIBRARY = "model.so"
 TOKENIZER = "tokenizer.json"
+
+
+@dataclasses.dataclass
+class ArtifactMetadata:
+    """What compile recorded about an artifact; `weight_files` and its hashes are filled in when it is saved."""
+    config: dict  # frontend.config.GPTJConfig.to_dict()
+    dtype: str
+    target: dict
+    device: str  # cpu, cuda, vulkan
+    tvm_version: str
+    params: list[str]  # the weights in the order the compiled functions take them
+    functions: list[str]
+    stop_token_ids: list[int]  # generation ends at any of these (eos, a fine-tune's end marker)
+    fuse_block: bool
+    layouts: dict  # frontend.layouts.LayoutPlan.to_dict(): each linear's layout
+    prefill_buckets: dict[str, str] = dataclasses.field(default_factory=dict)  # length -> static prefill function
+    kernels: dict[str, str] = dataclasses.field(default_factory=dict)  # kernel -> the schedule it got
+    kernel_calls: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # function -> kernels, in order
+    compile_timings: dict[str, float] = dataclasses.field(default_factory=dict)
+    device_features: list[str] = dataclasses.field(default_factory=list)  # what the GPU must support
+    tuning_db: str | None = None
+    source: dict = dataclasses.field(default_factory=dict)  # what compile read: weights' format, tokenizer
+    host_isa: list[str] = dataclasses.field(default_factory=list)  # the CPU features the library needs
+    library: str = LIBRARY
+    tokenizer: str = TOKENIZER
+    weight_files: dict[str, dict] = dataclasses.field(default_factory=dict)  # name -> bytes, sha256
+    weights_pending: bool = True  # compiled with --no-weights: convert-weights completes it
+    weights_sha256: str = ""
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def plan(self) -> LayoutPlan:
+        return LayoutPlan.from_dict(self.layouts)
+
+    @property
+    def quantization(self) -> str | None:
+        return self.plan.quantization
+
+    @property
+    def n_layer(self) -> int:
+        return int(self.config["n_layer"])
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(info["bytes"] for info in self.weight_files.values())
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, folder: Path, weight_files: list[str] | None) -> "ArtifactMetadata":
+        """Written to folder/metadata.json with the weight files' sizes and hashes (None: weights pending)."""
+        files = {name: {"bytes": (folder / name).stat().st_size, "sha256": file_sha256(folder / name)}
+                 for name in weight_files or []}
+        meta = dataclasses.replace(self, weight_files=files, weights_pending=weight_files is None,
+                                   weights_sha256=hashlib.sha256("".join(f["sha256"] for f in files.values())
+                                                                 .encode()).hexdigest())
+        (folder / METADATA).write_text(json.dumps(meta.to_dict(), indent=2))
+        return meta
+
+    @classmethod
+    def read(cls, folder) -> "ArtifactMetadata":
+        """The artifact's metadata; one clear error for a missing, unreadable or older artifact."""
+        folder = Path(folder)
+        if not folder.exists():
+            raise GptjError(f"{folder}: no such artifact folder")
+        path = folder / METADATA
+        if not path.is_file():
+            raise GptjError(f"{folder}: not a gptj-tvm artifact (no {METADATA})")
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise GptjError(f"{path}: unreadable ({err})") from None
+        version = raw.get("format_version") if isinstance(raw, dict) else "?"
+        if version != FORMAT_VERSION:
+            raise GptjError(f"{folder}: artifact format {version} is not {FORMAT_VERSION}; "
+                            "compile it again with this version of gptj-tvm")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        try:
+            return cls(**{k: v for k, v in raw.items() if k in fields})
+        except TypeError as err:
+            raise GptjError(f"{path}: incomplete metadata ({err})") from None
+
+    def check_compatible(self, folder: Path, tvm_version: str) -> None:
+        """Refuses, in one line, an artifact this machine cannot run as it is."""
+        if self.weights_pending:
+            raise GptjError(f"{folder}: compiled without weights; add them with "
+                            f"`gptj-tvm convert-weights MODEL_DIR {folder}`")
+        if self.tvm_version != tvm_version:
+            raise GptjError(f"{folder}: built with TVM {self.tvm_version}, this is TVM {tvm_version}; "
+                            "compile it again")
+        if self.device == "cpu":
+            missing = sorted(set(self.host_isa) - set(isa_features()))
+            if missing:
+                raise GptjError(f"{folder}: built for a CPU with {', '.join(missing)}, which this CPU lacks; "
+                                "compile it on this machine")
+        for name, info in self.weight_files.items():
+            weight = folder / name
+            if not weight.is_file():
+                raise GptjError(f"{weight}: weight file missing from the artifact")
+            if weight.stat().st_size != info["bytes"]:
+                raise GptjError(f"{weight}: {weight.stat().st_size} bytes, the artifact says {info['bytes']} "
+                                "(truncated or replaced)")
+        for name in (self.library, self.tokenizer):
+            if not (folder / name).is_file():
+                raise GptjError(f"{folder / name}: missing from the artifact")
 
 
 def file_sha256(path: Path) -> str:
@@ -38,78 +147,3 @@ def check_replaceable(out_dir: Path) -> None:
     out_dir = Path(out_dir)
     if out_dir.exists() and not (out_dir / METADATA).is_file() and any(out_dir.iterdir()):
         raise GptjError(f"{out_dir}: exists and is not an artifact; refusing to overwrite it")
-
-
-def write_metadata(folder: Path, *, config: dict, dtype: str, target: dict, device: str, tvm_version: str,
-                   params: list[str], weight_files: list[str] | None, functions: list[str],
-                   stop_token_ids: list[int], extra: dict | None = None):
-    """weight_files None: an artifact compiled without weights (`compile --no-weights`), which
-    `convert-weights` completes."""
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "config": config,
-        "dtype": dtype,
-        "target": target,
-        "device": device,
-        "tvm_version": tvm_version,
-        "host_isa": isa_features() if device == "cpu" else [],
-        "library": LIBRARY,
-        "functions": functions,
-        "params": params,
-        "tokenizer": TOKENIZER,
-        "stop_token_ids": stop_token_ids,  # generation ends at any of these (eos, a fine-tune's end marker)
-        **(extra or {}),
-    }
-    return save_metadata(folder, meta, weight_files)
-
-
-def save_metadata(folder: Path, meta: dict, weight_files: list[str] | None) -> dict:
-    """meta with the weight files' sizes and hashes (or marked pending), written to folder/metadata.json."""
-    files = {name: {"bytes": (folder / name).stat().st_size, "sha256": file_sha256(folder / name)}
-             for name in weight_files or []}
-    meta = {**meta, "weight_files": files, "weights_pending": weight_files is None,
-            "weights_sha256": hashlib.sha256("".join(f["sha256"] for f in files.values()).encode()).hexdigest()}
-    (folder / METADATA).write_text(json.dumps(meta, indent=2))
-    return meta
-
-
-def read_metadata(folder: Path) -> dict:
-    """The artifact's metadata, checked against this host and this TVM; one clear error otherwise."""
-    folder = Path(folder)
-    if not folder.exists():
-        raise GptjError(f"{folder}: no such artifact folder")
-    path = folder / METADATA
-    if not path.is_file():
-        raise GptjError(f"{folder}: not a gptj-tvm artifact (no {METADATA})")
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise GptjError(f"{path}: unreadable ({err})") from None
-    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
-        raise GptjError(f"{folder}: artifact format {meta.get('format_version') if isinstance(meta, dict) else '?'}"
-                        f" is not {FORMAT_VERSION}; compile it again with this version of gptj-tvm")
-    return meta
-
-
-def check_compatible(meta: dict, folder: Path, tvm_version: str) -> None:
-    if meta.get("weights_pending"):
-        raise GptjError(f"{folder}: compiled without weights; add them with "
-                        f"`gptj-tvm convert-weights MODEL_DIR {folder}`")
-    if meta["tvm_version"] != tvm_version:
-        raise GptjError(f"{folder}: built with TVM {meta['tvm_version']}, this is TVM {tvm_version}; "
-                        "compile it again")
-    if meta["device"] == "cpu":
-        missing = sorted(set(meta["host_isa"]) - set(isa_features()))
-        if missing:
-            raise GptjError(f"{folder}: built for a CPU with {', '.join(missing)}, which this CPU lacks; "
-                            "compile it on this machine")
-    for name, info in meta["weight_files"].items():
-        weight = folder / name
-        if not weight.is_file():
-            raise GptjError(f"{weight}: weight file missing from the artifact")
-        if weight.stat().st_size != info["bytes"]:
-            raise GptjError(f"{weight}: {weight.stat().st_size} bytes, the artifact says {info['bytes']} "
-                            "(truncated or replaced)")
-    for name in (meta["library"], meta["tokenizer"]):
-        if not (folder / name).is_file():
-            raise GptjError(f"{folder / name}: missing from the artifact")

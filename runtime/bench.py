@@ -107,10 +107,10 @@ def run_bench(folder, progress: bool = True) -> dict:
     folder = Path(folder)
     start = time.perf_counter()
     gen = Generator.load(folder)
-    result = {"artifact": str(folder), "dtype": gen.meta["dtype"], "quantization": gen.meta.get("quantization"),
-              "target": gen.meta["target"], "load_s": time.perf_counter() - start,
+    result = {"artifact": str(folder), "dtype": gen.meta.dtype, "quantization": gen.meta.quantization,
+              "target": gen.meta.target, "load_s": time.perf_counter() - start,
               "peak_rss_after_load_bytes": peak_rss_bytes(),
-              "weight_bytes": sum(info["bytes"] for info in gen.meta["weight_files"].values())}
+              "weight_bytes": gen.meta.weight_bytes}
     prefills = [n for n in PREFILLS if n <= gen.context]
     contexts = [n for n in CONTEXTS if n <= gen.context]
     with tqdm(total=len(prefills) + len(contexts), desc="bench", disable=not progress, leave=False) as bar:
@@ -132,6 +132,20 @@ def run_bench(folder, progress: bool = True) -> dict:
             bar.update()
     result["peak_rss_bytes"] = peak_rss_bytes()
     return result
+
+
+def bench_with_bound(folder, bandwidth: bool = True, progress: bool = True) -> dict:
+    """run_bench, and with `bandwidth` the bound: the read bandwidth measured before and after the runs, the
+    best of the two (other tenants of a machine come and go). No bound where this TVM has no compiler."""
+    first = read_bandwidth() if bandwidth else None
+    result = run_bench(folder, progress=progress)
+    if first is not None:
+        samples = [b for b in (first, read_bandwidth()) if b]
+        add_bound(result, max(samples), samples)
+    return result
+
+
+NO_BOUND = "(no bound: the bandwidth is measured with a TVM-compiled kernel, and this TVM has no compiler)"
 
 
 def add_bound(result: dict, bandwidth: float, samples: list[float] | None = None) -> None:
@@ -162,7 +176,7 @@ def cache_at(gen: Generator, context: int, steps: int = DECODE_STEPS + 2):
     if context <= max(PREFILLS):
         gen.forward("prefill", prompt(context - 1, gen.vocab_size), cache, context - 1)
         return cache
-    dtype = ml_dtypes.bfloat16 if gen.meta["dtype"] == "bfloat16" else gen.meta["dtype"]
+    dtype = ml_dtypes.bfloat16 if gen.meta.dtype == "bfloat16" else gen.meta.dtype
     zeros = np.zeros(tuple(int(s) for s in cache[0].shape), dtype=dtype)
     for tensor in cache:
         tensor.copyfrom(zeros)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tvm
 
-from gptj_tvm.errors import GptjError
+from gptj_tvm.core.errors import GptjError
 
 
 def vulkan_devices() -> list[dict]:

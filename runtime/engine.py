@@ -16,9 +16,9 @@ import tvm.runtime
 from safetensors import SafetensorError, safe_open
 from tvm.runtime.vm import VirtualMachine
 
-from gptj_tvm.errors import GptjError
+from gptj_tvm.core.errors import GptjError
 
-from . import artifact
+from .artifact import ArtifactMetadata
 from .profiler import record_calls
 from .sampling import next_token
 from .tokenizer import ArtifactTokenizer
@@ -36,13 +36,14 @@ class Generation:
 
 
 class Generator:
-    def __init__(self, folder: Path, meta: dict, vm: VirtualMachine, device, params, tokenizer: ArtifactTokenizer):
+    def __init__(self, folder: Path, meta: ArtifactMetadata, vm: VirtualMachine, device, params,
+                 tokenizer: ArtifactTokenizer):
         self.folder = folder
         self.meta = meta
-        self.config = meta["config"]
+        self.config = meta.config
         self.context = int(self.config["n_positions"])
         # eos and, for some fine-tunes, their end marker (Dolly's `### End`)
-        self.stop_token_ids = frozenset(int(i) for i in meta["stop_token_ids"])
+        self.stop_token_ids = frozenset(int(i) for i in meta.stop_token_ids)
         self.vocab_size = int(self.config["vocab_size"])
         self.device = device
         self.tokenizer = tokenizer
@@ -53,11 +54,11 @@ class Generator:
     def load(cls, folder, device: str | None = None, adapter: str | None = None) -> "Generator":
         """`adapter`: for Vulkan artifacts, the adapter's index or part of its name (default: the first)."""
         folder = Path(folder)
-        meta = artifact.read_metadata(folder)
-        artifact.check_compatible(meta, folder, tvm.__version__)
-        kind = device or meta["device"]
-        if kind != meta["device"] or kind not in DEVICES:
-            raise GptjError(f"{folder}: built for device {meta['device']!r}, not {kind!r}")
+        meta = ArtifactMetadata.read(folder)
+        meta.check_compatible(folder, tvm.__version__)
+        kind = device or meta.device
+        if kind != meta.device or kind not in DEVICES:
+            raise GptjError(f"{folder}: built for device {meta.device!r}, not {kind!r}")
         if adapter is not None and kind != "vulkan":
             raise GptjError(f"--device picks a Vulkan adapter; {folder} runs on {kind}")
         sizes = weight_sizes(folder, meta)
@@ -67,14 +68,14 @@ class Generator:
         if kind == "cuda":
             check_cuda_arch(folder, meta, dev)
         try:
-            lib = tvm.runtime.load_module(str(folder / meta["library"]))
+            lib = tvm.runtime.load_module(str(folder / meta.library))
         except Exception as err:  # noqa: BLE001  (TVM raises many kinds; the user needs one line)
-            raise GptjError(f"{folder / meta['library']}: cannot load the compiled library ({err})") from None
+            raise GptjError(f"{folder / meta.library}: cannot load the compiled library ({err})") from None
         # CPU: the naive allocator hands intermediates back to the system; the pooled one keeps a buffer for
         # every size it saw (each prompt length), which a 24 GB machine running a 12 GB model cannot spare
         vm = VirtualMachine(lib, dev, memory_cfg="naive" if kind == "cpu" else "pooled")
         params = load_params(folder, meta, dev, sizes)
-        tokenizer = ArtifactTokenizer(folder / meta["tokenizer"])
+        tokenizer = ArtifactTokenizer(folder / meta.tokenizer)
         return cls(folder, meta, vm, dev, params, tokenizer)
 
     # -- the model -------------------------------------------------------------------------------------
@@ -85,7 +86,7 @@ class Generator:
         those lengths."""
         if not len(ids) <= total <= int(cache[0].shape[0]):
             raise GptjError(f"{total} tokens do not fit a KV cache of {int(cache[0].shape[0])} positions")
-        if function == "prefill" and self.meta.get("prefill_buckets"):
+        if function == "prefill" and self.meta.prefill_buckets:
             logits, start = None, total - len(ids)
             for name, piece in self._prefill_pieces(len(ids)):
                 logits, cache = self._call(name, ids[:piece], cache, start + piece)
@@ -96,7 +97,7 @@ class Generator:
     def _prefill_pieces(self, n: int) -> list[tuple[str, int]]:
         """A prompt of n tokens as (function, length) pieces: the artifact's prefill buckets, largest
         first while one fits, then the dynamic prefill for what is left. The logits come from the last."""
-        buckets = sorted(((int(b), f) for b, f in self.meta["prefill_buckets"].items()), reverse=True)
+        buckets = sorted(((int(b), f) for b, f in self.meta.prefill_buckets.items()), reverse=True)
         pieces = []
         for bucket, function in buckets:
             while n >= bucket:
@@ -107,7 +108,7 @@ class Generator:
     @property
     def weights(self) -> dict:
         """The loaded weights by name (TVM tensors on the device), in the order the compiled functions take them."""
-        return dict(zip(self.meta["params"], self._params))
+        return dict(zip(self.meta.params, self._params))
 
     def profile(self, function: str, ids: Sequence[int], cache, total: int, measure=None) -> list[tuple]:
         """Runs `function` once on ids with TVM's kernel profiler hook: [(kernel or builtin, seconds,
@@ -124,11 +125,15 @@ class Generator:
         try:
             logits = self._vm[function](*self._arguments(ids, cache, total))
         except RuntimeError as err:
-            if self.meta["device"] != "vulkan":
+            if self.meta.device != "vulkan":
                 raise
             # runtime/vulkan.py's errors come back through TVM's runtime as RuntimeError, already one line
             raise GptjError(str(err).strip().splitlines()[-1] if str(err).strip() else "Vulkan failed") from None
         return logits.numpy().reshape(-1, logits.shape[-1])[:, : self.vocab_size], cache
+
+    def run_step(self, tokens, slots, positions, logit_rows, caches):
+        """The batched `step` (runtime/batch.py): rows of several sequences over slot caches."""
+        return self._vm["step"](tokens, slots, positions, logit_rows, caches, self._params)
 
     def new_cache(self, capacity: int | None = None):
         """Key and value caches for every layer, [capacity, n_head, head_dim] (capacity: the positions the
@@ -140,7 +145,7 @@ class Generator:
         capacity = min(capacity or self.context, self.context)
         shape = (capacity, c["n_head"], c["n_embd"] // c["n_head"])
         return tvm.runtime.convert(
-            [tvm.runtime.empty(shape, self.meta["dtype"], self.device) for _ in range(2 * c["n_layer"])])
+            [tvm.runtime.empty(shape, self.meta.dtype, self.device) for _ in range(2 * c["n_layer"])])
 
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         """float32 logits [len(ids), vocab_size] at every position of ids."""
@@ -268,18 +273,18 @@ def finish_stats(stats: dict) -> None:
     stats["decode_tokens_per_s"] = steps / stats["decode_s"] if steps and stats["decode_s"] else 0.0
 
 
-def runnable_here(meta: dict) -> bool:
+def runnable_here(meta: ArtifactMetadata) -> bool:
     """Whether this machine has the artifact's device (and the artifact its weights)."""
-    if meta["device"] not in DEVICES or meta.get("weights_pending"):
+    if meta.device not in DEVICES or meta.weights_pending:
         return False
-    if meta["device"] == "vulkan":
+    if meta.device == "vulkan":
         from . import vulkan
 
         try:
             return bool(vulkan.adapters())
         except GptjError:  # no wgpu
             return False
-    return _device_exists(DEVICES[meta["device"]](0))
+    return _device_exists(DEVICES[meta.device](0))
 
 
 def _device_exists(device) -> bool:
@@ -289,17 +294,17 @@ def _device_exists(device) -> bool:
         return False
 
 
-def open_vulkan(meta: dict, adapter: str | None, sizes: list[tuple[int, str, str]]) -> int:
+def open_vulkan(meta: ArtifactMetadata, adapter: str | None, sizes: list[tuple[int, str, str]]) -> int:
     """Make this process able to run a Vulkan artifact (its weights: `sizes`, from weight_sizes), on the
     adapter asked for; returns its index."""
     from . import vulkan  # wgpu is imported only for Vulkan artifacts
 
     index = vulkan.pick_adapter(adapter)
     found = vulkan.describe(vulkan.adapters()[index])
-    missing = [f for f in meta.get("device_features", []) if f not in found["features"]]
+    missing = [f for f in meta.device_features if f not in found["features"]]
     if missing:
         raise GptjError(f"Vulkan adapter {found['name']} lacks {', '.join(missing)}, which this "
-                        f"{meta['dtype']} artifact needs; compile it with --dtype float32")
+                        f"{meta.dtype} artifact needs; compile it with --dtype float32")
     largest, _, name = max(sizes, default=(0, "", ""))
     if largest > vulkan.max_buffer_bytes(index):
         raise GptjError(f"Vulkan adapter {found['name']} binds at most {vulkan.max_buffer_bytes(index) >> 20} MiB "
@@ -308,10 +313,10 @@ def open_vulkan(meta: dict, adapter: str | None, sizes: list[tuple[int, str, str
     return index
 
 
-def check_cuda_arch(folder: Path, meta: dict, device) -> None:
+def check_cuda_arch(folder: Path, meta: ArtifactMetadata, device) -> None:
     """Machine code for sm_XY runs on GPUs of compute capability X.Y and up (within a generation the
     fatbin's PTX is JIT-compiled for newer ones); an older GPU cannot run it."""
-    built = str(meta["target"].get("arch", "sm_0"))
+    built = str(meta.target.get("arch", "sm_0"))
     need = int("".join(ch for ch in built[len("sm_"):] if ch.isdigit()) or 0)
     have = int(str(device.compute_version).replace(".", ""))
     if have < need:
@@ -322,10 +327,10 @@ def check_cuda_arch(folder: Path, meta: dict, device) -> None:
 _ITEM_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1}
 
 
-def weight_sizes(folder: Path, meta: dict) -> list[tuple[int, str, str]]:
+def weight_sizes(folder: Path, meta: ArtifactMetadata) -> list[tuple[int, str, str]]:
     """(bytes, file, tensor name) of every weight of the artifact, from the files' headers."""
     sizes = []
-    for name in meta["weight_files"]:
+    for name in meta.weight_files:
         try:
             with safe_open(str(folder / name), framework="np") as f:
                 for key in f.keys():
@@ -336,7 +341,8 @@ def weight_sizes(folder: Path, meta: dict) -> list[tuple[int, str, str]]:
     return sizes
 
 
-def load_params(folder: Path, meta: dict, device, sizes: list[tuple[int, str, str]]) -> "tvm.runtime.Object":
+def load_params(folder: Path, meta: ArtifactMetadata, device,
+                sizes: list[tuple[int, str, str]]) -> "tvm.runtime.Object":
     """The weights (`sizes`, from weight_sizes) as one packed tuple, in the order the compiled functions take
     them."""
     tensors = {}
@@ -348,7 +354,7 @@ def load_params(folder: Path, meta: dict, device, sizes: list[tuple[int, str, st
                 tensors[key] = tvm.runtime.tensor(f.get_tensor(key), device)
         except (SafetensorError, OSError, ValueError) as err:
             raise GptjError(f"{folder / name}: corrupt weight file ({err})") from None
-    missing = [p for p in meta["params"] if p not in tensors]
+    missing = [p for p in meta.params if p not in tensors]
     if missing:
         raise GptjError(f"{folder}: weight {missing[0]} missing from the artifact")
-    return tvm.runtime.convert([tensors[p] for p in meta["params"]])
+    return tvm.runtime.convert([tensors[p] for p in meta.params])

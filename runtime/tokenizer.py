@@ -7,7 +7,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from gptj_tvm.errors import GptjError
+from gptj_tvm.core.errors import GptjError
 
 
 class ArtifactTokenizer:

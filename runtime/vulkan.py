@@ -28,8 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from gptj_tvm.blob import BlobReader
-from gptj_tvm.errors import GptjError
+from gptj_tvm.core.blob import BlobReader
+from gptj_tvm.core.errors import GptjError
 
 BACKEND = "Vulkan"
 BRIDGE_SOURCE = Path(__file__).with_name("webgpu_bridge.cc")

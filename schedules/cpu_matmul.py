@@ -20,7 +20,7 @@ from tvm import s_tir, tirx
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
-from gptj_tvm.frontend.config import WEIGHT_TILES
+from gptj_tvm.frontend.layouts.column_tiles import WEIGHT_TILES
 
 from .prefetch import with_weight_prefetch
 
@@ -98,7 +98,7 @@ class CPUMatmul(ScheduleRule):
 
     def pick_cols(self, extent: int) -> int:
         """The widest strip that divides the columns (a ragged strip would not vectorize): the same rule as
-        the weights' column tiles (frontend.config.weight_tile), so a strip is one contiguous tile."""
+        the weights' column tiles (frontend/layouts/column_tiles.py), so a strip is one contiguous tile."""
         return next((c for c in self.cols if extent % c == 0), extent)
 
     def is_target_available(self, target: Target) -> bool:

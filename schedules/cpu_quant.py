@@ -1,4 +1,4 @@
-"""A default CPU schedule for the weight-only quantized GEMM/GEMV (frontend.model.quantized_matmul).
+"""A default CPU schedule for the weight-only quantized GEMM/GEMV (frontend/layouts/quantized.py's quantized_matmul).
 
 Expects a PrimFunc with two reduction blocks, a group sum (x times the integer levels over GROUP input
 features) feeding the matmul (the group sums times their scales), optional injective prologues (casts of x)
@@ -20,7 +20,7 @@ from tvm import tirx
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
 
-from gptj_tvm.frontend.quantization import TILE
+from gptj_tvm.frontend.layouts.quantized import TILE
 
 from .cpu_matmul import _static_extent, fold_into_reductions, with_reductions
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import tvm
 from tvm.s_tir import meta_schedule as ms
 
-from gptj_tvm.errors import GptjError
+from gptj_tvm.core.errors import GptjError
 
 FORMAT = 1
 

@@ -2,14 +2,12 @@
 
 A decode GEMV streams one column tile of the weights per strip, one row (tile x dtype bytes, e.g. 1 KiB) per
 step of k. The hardware prefetchers keep float32 rows coming at the memory's speed, but with bfloat16 the
-widening takes three instructions per 16 weights, so fewer rows are in flight and the same GEMV read at 19
-GB/s where float32 read at 25 (2 threads, W_in of GPT-J-6B); asking for the row 8 steps ahead brought
-bfloat16 to 26 GB/s. The prefetch goes to L2 (locality 2: `prefetcht1`), and past a strip's last row it runs
-on into the next tile, which is the next strip a thread streams (its strips are consecutive, and so are the
-tiles in memory), so a strip starts with its first rows on the way; a prefetch past the end of the weights
-is harmless (prefetches never fault). In the model (6 full-width bfloat16 layers, decode steps of several
-libraries over the same weights, interleaved): 2.5-5% faster than 8 rows ahead into L1 stopping at the
-strip's end, and 29% faster than no prefetch.
+widening takes three instructions per 16 weights, so fewer rows are in flight and the GEMV falls short of the
+read bandwidth; asking for the rows WEIGHT_PREFETCH_BYTES ahead closes the gap (README, "Weight prefetch",
+has the measurements). The prefetch goes to L2 (locality 2: `prefetcht1`), and past a strip's last row it
+runs on into the next tile, which is the next strip a thread streams (its strips are consecutive, and so are
+the tiles in memory), so a strip starts with its first rows on the way; a prefetch past the end of the
+weights is harmless (prefetches never fault).
 
 TVM's schedules have no prefetch primitive and its Python API no statement mutator, so the strip loop of a
 scheduled GEMV (CPUMatmul, one row) is found in the function's TVMScript and the prefetch is written into it:
@@ -22,9 +20,9 @@ import re
 
 import tvm
 
-# llvm.prefetch's locality: 3 = L1 (prefetcht0), 2 = L2 (prefetcht1)
-from gptj_tvm.frontend.kernels import WEIGHT_PREFETCH_BYTES as PREFETCH_BYTES
-from gptj_tvm.frontend.kernels import WEIGHT_PREFETCH_LOCALITY as LOCALITY
+from gptj_tvm.kernels.common import WEIGHT_PREFETCH_BYTES as PREFETCH_BYTES
+from gptj_tvm.kernels.common import WEIGHT_PREFETCH_LOCALITY as LOCALITY
+
 CACHE_LINE = 64
 _INT = r"(?:T\.int64\((\d+)\)|(\d+))"
 _K_LOOP = re.compile(rf"^( *)for k in range\({_INT}\):\n( *)for j_1 in T\.vectorized\({_INT}\):\n", re.M)

@@ -27,8 +27,8 @@ from tvm.s_tir import meta_schedule as ms
 from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
 from tvm.ir.utils import derived_object
 
-from gptj_tvm.errors import GptjError
-from gptj_tvm.interleaved import compare
+from gptj_tvm.core.errors import GptjError
+from gptj_tvm.core.interleaved import compare
 from gptj_tvm.ir.pipeline import kernel_calls
 
 from .database import TuningDatabase, workload_module
@@ -192,7 +192,7 @@ def compare_with_defaults(tasks: list[Task], db: TuningDatabase, target: tvm.tar
                           progress: bool = True) -> dict:
     """What the database changes, per token: for decode and each prefill_B, the time of the GEMMs it schedules
     (calls per token x ms), tuned against default, the two builds of every kernel timed back to back round by
-    round (gptj_tvm.interleaved). Only records that beat their default count, as in `compile --tuning-db`."""
+    round (gptj_tvm.core.interleaved). Only records that beat their default count, as in `compile --tuning-db`."""
     memory_db = db.to_memory_database()
     pairs = []
     rng = np.random.default_rng(0)

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import tvm
 
-from gptj_tvm.blob import BlobReader
-from gptj_tvm.errors import GptjError
+from gptj_tvm.core.blob import BlobReader
+from gptj_tvm.core.errors import GptjError
 
 from .device_modules import device_modules
 

@@ -6,7 +6,7 @@ import json
 
 import tvm
 
-from gptj_tvm.errors import GptjError
+from gptj_tvm.core.errors import GptjError
 
 from .host import cpu_fingerprint
 

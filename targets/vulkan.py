@@ -12,7 +12,7 @@ import re
 
 import tvm
 
-from gptj_tvm.errors import GptjError
+from gptj_tvm.core.errors import GptjError
 
 from .device_modules import device_modules
 

@@ -24,7 +24,7 @@ CONFIGS = {
     "float16": dataclasses.replace(TINY, torch_dtype="float16"),
     "bfloat16": dataclasses.replace(TINY, torch_dtype="bfloat16"),
 }
-# bfloat16 CPU GEMMs read column pairs (frontend/pair_gemm.py) in tiles of 8 to 64 columns; here W_in's 180
+# bfloat16 CPU GEMMs read column pairs (frontend/layouts/column_pairs.py) in tiles of 8 to 64 columns; here W_in's 180
 # columns (fc_in's 36 unfused) take none and stay in column tiles
 CONFIGS["odd-bf16"] = dataclasses.replace(CONFIGS["odd"], n_inner=36, torch_dtype="bfloat16")
 
@@ -46,12 +46,12 @@ def checkpoint(tmp_path_factory):
 
 
 def variants():
-    from gptj_tvm.frontend import model
+    from gptj_tvm.compiler.options import GPU_ON_CPU
 
     # "cpu": what compile picks for this CPU; "gpu-on-cpu": the GPU graph ([out, in] weights, thread-block
     # attention kernels) compiled for this CPU; "vulkan": `--target vulkan`, run on the first Vulkan adapter
     # (Mesa's lavapipe in CI)
-    return {"cpu": None, "gpu-on-cpu": model.GPU_ON_CPU, "vulkan": None}
+    return {"cpu": None, "gpu-on-cpu": GPU_ON_CPU, "vulkan": None}
 
 
 def require_vulkan() -> None:
@@ -65,7 +65,7 @@ def require_vulkan() -> None:
 @pytest.fixture(scope="session")
 def artifact(tmp_path_factory, checkpoint):
     """artifact(name, **checkpoint options) -> folder of the compiled artifact of that checkpoint."""
-    from gptj_tvm.targets.compile import compile_model
+    from gptj_tvm.compiler.compile import compile_model
 
     cache = {}
 

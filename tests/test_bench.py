@@ -15,19 +15,20 @@ from safetensors import safe_open
 import gptj_tvm
 from conftest import CONFIGS
 from gptj_tvm.cli import main
-from gptj_tvm.errors import GptjError
-from gptj_tvm.interleaved import compare
+from gptj_tvm.core.errors import GptjError
+from gptj_tvm.core.interleaved import compare
 from gptj_tvm.runtime import ab
 from gptj_tvm.runtime.bench import cache_at, profile_decode
+from gptj_tvm.runtime.artifact import ArtifactMetadata
 
 ITEM_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "I8": 1, "U8": 1, "I32": 4}
 
 
 def header_sizes(folder) -> dict[str, tuple[int, int]]:
     """{weight name: (bytes, rows)} from the artifact's safetensors headers."""
-    meta = json.loads((folder / "metadata.json").read_text())
+    meta = ArtifactMetadata.read(folder)
     sizes = {}
-    for file in meta["weight_files"]:
+    for file in meta.weight_files:
         with safe_open(str(folder / file), framework="np") as f:
             for key in f.keys():
                 info = f.get_slice(key)

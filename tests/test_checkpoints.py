@@ -20,9 +20,10 @@ torch = pytest.importorskip("torch", reason="torch writes the .bin fixtures (pip
 transformers = pytest.importorskip("transformers", reason="transformers is the tokenizer reference")
 
 import gptj_tvm  # noqa: E402
-from gptj_tvm.errors import GptjError  # noqa: E402
+from gptj_tvm.core.errors import GptjError  # noqa: E402
 from gptj_tvm.frontend.hf_tokenizer import packaged_tokenizer_dir  # noqa: E402
-from gptj_tvm.targets.compile import compile_model  # noqa: E402
+from gptj_tvm.compiler.compile import compile_model  # noqa: E402
+from gptj_tvm.runtime.artifact import ArtifactMetadata  # noqa: E402
 from reference import ReferenceGPTJ  # noqa: E402
 
 TINY = dict(n_positions=64, n_embd=64, n_layer=2, n_head=4, rotary_dim=8)
@@ -166,12 +167,12 @@ def test_bin_checkpoint_generates_what_transformers_generates(fixtures, compiled
 
 
 def test_dtype_defaults_to_the_weights_when_the_config_names_none(compiled):
-    meta = json.loads((compiled("main", None) / "metadata.json").read_text())
-    assert meta["dtype"] == "float32" and meta["config"]["torch_dtype"] is None
-    meta = json.loads((compiled("sharded", None) / "metadata.json").read_text())
-    assert meta["dtype"] == "float16"
-    assert meta["source"] == {"format": "pytorch", "files": 2, "dtype": "float16", "ignored_buffers": 4,
-                              "tokenizer": meta["source"]["tokenizer"]}
+    meta = ArtifactMetadata.read(compiled("main", None))
+    assert meta.dtype == "float32" and meta.config["torch_dtype"] is None
+    meta = ArtifactMetadata.read(compiled("sharded", None))
+    assert meta.dtype == "float16"
+    assert meta.source == {"format": "pytorch", "files": 2, "dtype": "float16", "ignored_buffers": 4,
+                              "tokenizer": meta.source["tokenizer"]}
 
 
 @pytest.mark.parametrize("name", ["main", "dolly"])
@@ -196,7 +197,7 @@ def test_tokenizer_json_is_used_when_present(fixtures, compiled, tmp_path):
     assert (folder / "tokenizer.json").is_file()
     out = tmp_path / "art"
     meta = compile_model(folder, out, dtype="float32", progress=False)
-    assert meta["source"]["tokenizer"]["source"] == "tokenizer.json"
+    assert meta.source["tokenizer"]["source"] == "tokenizer.json"
     gen = gptj_tvm.load(out)
     for text in TEXTS:
         assert gen.tokenizer.encode(text) == fast(text)["input_ids"]
@@ -205,7 +206,7 @@ def test_tokenizer_json_is_used_when_present(fixtures, compiled, tmp_path):
 @pytest.mark.parametrize("dtype", ["float32", None])  # None: Dolly's own bfloat16 (column-pair GEMMs)
 def test_generation_ends_at_the_end_marker(compiled, dtype):
     gen = gptj_tvm.load(compiled("dolly", dtype))
-    assert gen.meta["dtype"] == (dtype or "bfloat16")
+    assert gen.meta.dtype == (dtype or "bfloat16")
     assert 50400 in gen.stop_token_ids and 50256 in gen.stop_token_ids
     out = gen.generate("### Instruction:\nSay hi\n\n### Response:\n", max_new_tokens=8)
     assert out.ids == [50400] and out.finish_reason == "eos" and out.text == ""
@@ -216,7 +217,7 @@ def test_generation_config_eos_list_adds_stop_ids(fixtures, tmp_path):
     shutil.copytree(fixtures["small"], folder)
     (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, 50256, 12]}))
     meta = compile_model(folder, tmp_path / "art", dtype="float32", progress=False, weights=False)
-    assert meta["stop_token_ids"] == [7, 12]  # 50256 is outside the vocab of 1000: it never comes out
+    assert meta.stop_token_ids == [7, 12]  # 50256 is outside the vocab of 1000: it never comes out
 
 
 def test_eos_outside_the_vocab_is_a_warning(fixtures, tmp_path, capsys):

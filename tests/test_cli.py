@@ -13,6 +13,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from gptj_tvm.cli import main
+from gptj_tvm.runtime.artifact import ArtifactMetadata
 
 
 def run(args, capsys) -> tuple[int, str, str]:
@@ -68,8 +69,8 @@ def test_bench_times_the_artifact_next_to_its_bound(artifact, capsys):
     code, out, _ = run(["bench", folder, "--json"], capsys)
     assert code == 0
     result = json.loads(out)
-    meta = json.loads((folder / "metadata.json").read_text())
-    assert result["weight_bytes"] == sum((folder / name).stat().st_size for name in meta["weight_files"])
+    meta = ArtifactMetadata.read(folder)
+    assert result["weight_bytes"] == sum((folder / name).stat().st_size for name in meta.weight_files)
     assert result["prefill_128_tokens_per_s"] > 0 and result["decode_128_ms"] > 0  # the tiny context: 128
     assert result["peak_rss_bytes"] >= result["peak_rss_after_load_bytes"] > 0
     # the bound: the bytes a decode step reads (tests/test_bench.py checks them) over the best of the bandwidth

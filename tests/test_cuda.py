@@ -14,11 +14,12 @@ import shutil
 import pytest
 
 from gptj_tvm.cli import main
-from gptj_tvm.errors import GptjError
+from gptj_tvm.core.errors import GptjError
 from gptj_tvm.frontend.config import PRESETS
 from gptj_tvm.runtime.inspect import inspect_artifact
 from gptj_tvm.targets import cuda
-from gptj_tvm.targets.compile import compile_model
+from gptj_tvm.compiler.compile import compile_model
+from gptj_tvm.runtime.artifact import ArtifactMetadata
 
 ARCHS = ("sm_80", "sm_90")
 FULL_WIDTH = dataclasses.replace(PRESETS["gptj-6b"], n_layer=4, torch_dtype="float16")
@@ -52,12 +53,12 @@ def cuda_artifact(tmp_path_factory, checkpoint):
 @pytest.mark.parametrize("model", ["tiny", "full-width"])
 def test_cuda_artifact_has_thread_bound_kernels_for_its_arch(model, arch, cuda_artifact):
     folder = cuda_artifact(model, arch)
-    meta = json.loads((folder / "metadata.json").read_text())
-    assert meta["device"] == "cuda" and meta["target"]["arch"] == arch and meta["weight_layout"] == "rows"
-    assert "unscheduled" not in meta["kernels"].values()
+    meta = ArtifactMetadata.read(folder)
+    assert meta.device == "cuda" and meta.target["arch"] == arch and meta.layouts["blocks"] == "rows"
+    assert "unscheduled" not in meta.kernels.values()
     # what the library will launch, read back from it: every kernel has threads, the code is for this arch
     kernels, fatbin = cuda.embedded_cuda_module(folder / "model.so")
-    assert set(kernels) == {f"{name}_kernel" for name in meta["kernels"]}
+    assert set(kernels) == {f"{name}_kernel" for name in meta.kernels}
     assert all("threadIdx.x" in launch for launch in kernels.values()), kernels
     assert ("elf", int(arch[3:])) in cuda.fatbin_contents(fatbin)
     # the decode GEMVs take dlight's GEMV rule: [out, in] weights, a cross-thread sum per output row
@@ -65,7 +66,7 @@ def test_cuda_artifact_has_thread_bound_kernels_for_its_arch(model, arch, cuda_a
     assert report["decode_kernels_per_block"] == 5
     block = report["decode_block_kernels"]
     assert block[2:4] == ["rotary_append", "attention"]
-    assert [meta["kernels"][name] for name in (block[1], block[4])] == ["default GEMV", "default GEMV"]
+    assert [meta.kernels[name] for name in (block[1], block[4])] == ["default GEMV", "default GEMV"]
 
 
 def test_a_kernel_without_threads_is_refused(checkpoint, tmp_path, monkeypatch):
@@ -98,8 +99,8 @@ def test_cuda_artifact_needs_weights_then_a_gpu(cuda_artifact, checkpoint, tmp_p
     err = capsys.readouterr().err
     assert code == 1 and len(err.strip().splitlines()) == 1 and "convert-weights" in err
     assert main(["convert-weights", str(checkpoint("tiny")), str(folder), "--quiet"]) == 0
-    meta = json.loads((folder / "metadata.json").read_text())
-    assert not meta["weights_pending"] and meta["weight_files"]
+    meta = ArtifactMetadata.read(folder)
+    assert not meta.weights_pending and meta.weight_files
     code = main(["generate", str(folder), "--prompt", "hi"])
     err = capsys.readouterr().err
     assert code == 1 and len(err.strip().splitlines()) == 1 and "needs a cuda device" in err

@@ -9,6 +9,7 @@ import pytest
 
 from reference import rel_max_error
 from test_model import TOLERANCE, prompt_for
+from gptj_tvm.runtime.artifact import ArtifactMetadata
 
 
 @pytest.mark.parametrize("name", ["tiny", "wide", "odd", "float16", "bfloat16", "odd-bf16"])
@@ -26,11 +27,11 @@ def test_fused_and_plain_graphs_agree(name, generator, reference):
 
 def test_fused_artifact_stores_merged_weights(artifact):
     folder = artifact("wide")
-    meta = json.loads((folder / "metadata.json").read_text())
-    assert meta["fuse_block"] is True
-    assert "h.0.w_in.weight" in meta["params"] and "h.0.attn.q_proj.weight" not in meta["params"]
-    plain = json.loads((artifact("wide", fuse_block=False) / "metadata.json").read_text())
-    assert plain["fuse_block"] is False and "h.0.attn.q_proj.weight" in plain["params"]
+    meta = ArtifactMetadata.read(folder)
+    assert meta.fuse_block is True
+    assert "h.0.w_in.weight" in meta.params and "h.0.attn.q_proj.weight" not in meta.params
+    plain = ArtifactMetadata.read(artifact("wide", fuse_block=False))
+    assert plain.fuse_block is False and "h.0.attn.q_proj.weight" in plain.params
 
 
 def test_merged_weights_are_the_checkpoints_projections(checkpoint):

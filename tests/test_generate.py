@@ -12,7 +12,7 @@ import pytest
 
 import gptj_tvm
 from gptj_tvm.cli import main
-from gptj_tvm.errors import GptjError
+from gptj_tvm.core.errors import GptjError
 
 PROMPT = "Once upon a time"
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
+
 import tvm
 from tvm import relax
 
@@ -64,3 +67,46 @@ def test_fusion_passes_put_each_epilogue_into_its_gemm():
     assert block[1].startswith("fused_matmul") and "add" in block[1]  # W_in + b_in
     assert block[2:4] == ["rotary_append", "attention"]
     assert block[4].startswith("fused_matmul") and block[4].count("add") == 2  # W_out + b_out + residual
+
+
+def test_lay_out_linears_swaps_each_linear_for_its_planned_layout():
+    """Before: every linear in column tiles ([out / t, in, t] weights, one `matmul`). After a q4 plan: the blocks'
+    linears hold q4 levels and scales and lm_head q8 (a weight and a scale each, `quantized_matmul`); after a
+    column-pair plan, every linear of the tiny model pairs, and where W_in's columns take no pair tile (48 x 180)
+    it falls back to column tiles."""
+    from gptj_tvm.frontend.layouts import LayoutPlan
+    from gptj_tvm.ir.linear_layouts import lay_out_linears
+
+    model = merge_block_projections(GPTJ(CONFIG, "float32"))
+    before, before_params = export(model)
+    d, vocab = CONFIG.n_embd, CONFIG.padded_vocab_size
+
+    def gemms(mod):  # kernel names without the numbers that tell same-named kernels apart
+        return [re.sub(r"\d+$", "", c) for c in kernel_calls(mod) if "matmul" in c]
+
+    assert [p for p in before_params if "scale" in p] == []
+    assert gemms(before) == ["matmul"] * (2 * CONFIG.n_layer + 1)
+
+    quantized = lay_out_linears(merge_block_projections(GPTJ(CONFIG, "float32")), LayoutPlan("q4", "q8"))
+    assert [(m.layout.name) for m in (quantized.h[0].w_in, quantized.h[0].w_out, quantized.lm_head)] == \
+        ["q4", "q4", "q8"]
+    after, after_params = export(quantized)
+    assert after_params == [p for name in before_params
+                            for p in ([name, name.replace(".weight", ".scale")] if name.endswith(("w_in.weight",
+                                      "w_out.weight", "lm_head.weight")) else [name])]
+    assert [int(s) for s in quantized.lm_head.weight.shape] == [vocab // 64, d // 4, 64, 4]  # q8: 4 per word
+    assert [int(s) for s in quantized.h[0].w_in.weight.shape] == [(4 * d + 3 * d) // 64, d // 8, 64, 4]  # q4: 8
+    assert [int(s) for s in quantized.h[0].w_in.scale.shape] == [(4 * d + 3 * d) // 64, d // 32, 64]
+    assert gemms(after) == ["quantized_matmul"] * (2 * CONFIG.n_layer + 1)
+
+    paired = lay_out_linears(merge_block_projections(GPTJ(CONFIG, "bfloat16")),
+                             LayoutPlan("column-pairs", "column-pairs"))
+    assert {paired.h[0].w_in.layout.name, paired.h[0].w_out.layout.name, paired.lm_head.layout.name} == \
+        {"column-pairs"}
+    assert [int(s) for s in paired.h[0].w_out.weight.shape] == [d // 64, (d + 4 * d) // 2, 64, 2]
+    assert gemms(export(paired)[0]) == ["pair_matmul"] * (2 * CONFIG.n_layer + 1)
+    odd = dataclasses.replace(CONFIG, n_embd=48, n_head=3, rotary_dim=6, n_inner=36)
+    pairs = LayoutPlan("column-pairs", "column-pairs")
+    fallback = lay_out_linears(merge_block_projections(GPTJ(odd, "bfloat16")), pairs)
+    assert [m.layout.name for m in (fallback.h[0].w_in, fallback.h[0].w_out)] == ["column-tiles", "column-pairs"]
+    assert gemms(export(fallback)[0])[:2] == ["matmul", "pair_matmul"]

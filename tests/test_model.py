@@ -17,7 +17,7 @@ def prompt_for(generator) -> list[int]:
     return [i % generator.vocab_size for i in PROMPT]
 
 
-# "gpu-on-cpu" is the CUDA artifact's graph ([out, in] weights, frontend/gpu_kernels.py) compiled for this CPU:
+# "gpu-on-cpu" is the CUDA artifact's graph ([out, in] weights, kernels/gpu_attention.py) compiled for this CPU:
 # these tests check the GPU kernels' math where no GPU is (tests/test_cuda.py checks what is built for one).
 # "vulkan" is the `--target vulkan` artifact running on a Vulkan driver (lavapipe, on this CPU, in CI).
 @pytest.mark.parametrize("name,variant", [("tiny", "cpu"), ("wide", "cpu"), ("odd", "cpu"), ("float16", "cpu"),
@@ -69,7 +69,7 @@ def test_long_prompts_prefill_in_chunks_of_the_static_buckets(name, length, piec
     """CPU artifacts get a static prefill_B for each default bucket up to the context (32 and 128): a prompt
     runs as the largest buckets that fit, then the dynamic prefill; the logits are those of one prefill."""
     gen = generator(name)
-    assert set(gen.meta["prefill_buckets"]) == {str(b) for b in (32, 128) if b <= gen.context}
+    assert set(gen.meta.prefill_buckets) == {str(b) for b in (32, 128) if b <= gen.context}
     assert [p for _, p in gen._prefill_pieces(length)] == pieces
     ids = [int(i) for i in np.random.default_rng(7).integers(0, gen.vocab_size, length)]
     expected = reference(name).logits(ids)

@@ -1,18 +1,18 @@
-"""The bfloat16 pair-layout GEMM (frontend/pair_gemm.py) and its weight layout (weights.paired)."""
+"""The bfloat16 pair-layout GEMM (kernels/pair_gemm.py) and its weight layout (frontend/layouts/column_pairs.py)."""
 
 from __future__ import annotations
 
-import json
 
 import ml_dtypes
 import numpy as np
 import pytest
 import tvm
 
-from gptj_tvm.frontend.config import COLUMN_PAIRS, COLUMN_TILES, linear_layout, pair_tile
-from gptj_tvm.frontend.pair_gemm import pair_matmul
-from gptj_tvm.frontend.weights import paired
+from gptj_tvm.frontend.layouts import COLUMN_PAIRS, COLUMN_TILES
+from gptj_tvm.kernels.pair_gemm import pair_matmul
+from gptj_tvm.frontend.layouts.column_pairs import pair_tile, paired
 from gptj_tvm.targets.llvm import host_target
+from gptj_tvm.runtime.artifact import ArtifactMetadata
 from reference import rel_max_error
 from test_model import TOLERANCE, prompt_for
 
@@ -24,7 +24,7 @@ def run(k: int, n: int, rows: int, x_dtype: str, epilogue: tuple[str, ...] = (),
     x = rng.standard_normal((1, rows, k), dtype=np.float32).astype(x_dtype)
     shapes = {"bias": (n,), "residual": (1, rows, n)}
     extra = [rng.standard_normal(shapes[name], dtype=np.float32) for name in epilogue]
-    func = pair_matmul(k, n, x_dtype, bias="bias" in epilogue, residual="residual" in epilogue)
+    func = pair_matmul(k, n, pair_tile(k, n), x_dtype, bias="bias" in epilogue, residual="residual" in epilogue)
     lib = tvm.tirx.build(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=host_target())
     out = tvm.runtime.empty((1, rows, n), "float32")
     lib["main"](*(tvm.runtime.tensor(a) for a in (x, paired(w), *extra)), out)
@@ -68,16 +68,16 @@ def test_pairs_hold_two_input_features_of_a_column_side_by_side():
 
 
 def test_weights_that_do_not_pair_stay_in_column_tiles():
-    assert linear_layout(COLUMN_PAIRS, 48, 216) == COLUMN_PAIRS
-    assert linear_layout(COLUMN_PAIRS, 47, 216) == COLUMN_TILES  # odd input features
-    assert linear_layout(COLUMN_PAIRS, 48, 180) == COLUMN_TILES  # no tile of 8 or more columns
-    assert linear_layout(COLUMN_TILES, 48, 216) == COLUMN_TILES
+    assert COLUMN_PAIRS.for_shape(48, 216) is COLUMN_PAIRS
+    assert COLUMN_PAIRS.for_shape(47, 216) is COLUMN_TILES  # odd input features
+    assert COLUMN_PAIRS.for_shape(48, 180) is COLUMN_TILES  # no tile of 8 or more columns
+    assert COLUMN_TILES.for_shape(48, 216) is COLUMN_TILES
 
 
 @pytest.mark.parametrize("name", ["bfloat16", "odd-bf16"])
 def test_bfloat16_artifact_decodes_step_by_step_like_the_reference(name, artifact, generator, reference):
-    meta = json.loads((artifact(name) / "metadata.json").read_text())
-    assert meta["weight_layout"] == COLUMN_PAIRS and meta["prefill_buckets"] == {}
+    meta = ArtifactMetadata.read(artifact(name))
+    assert meta.layouts["blocks"] == COLUMN_PAIRS.name and meta.prefill_buckets == {}
     gen = generator(name)
     ids = prompt_for(gen)
     expected = reference(name).logits(ids)
@@ -90,10 +90,11 @@ def test_bfloat16_artifact_decodes_step_by_step_like_the_reference(name, artifac
 
 
 def test_bfloat16_cpu_artifacts_pair_unless_tuned():
-    from gptj_tvm.targets.compile import variant_for
+    from gptj_tvm.compiler.build import variant_for
 
     target = host_target()
-    assert variant_for(target, "bfloat16").weight_layout == COLUMN_PAIRS
+    assert variant_for(target, "bfloat16").layouts.blocks == COLUMN_PAIRS.name
     # MetaSchedule tunes the column-tile GEMMs: a tuning database compiles those
-    assert variant_for(target, "bfloat16", tuned=True).weight_layout == COLUMN_TILES
-    assert variant_for(target, "float32").weight_layout == variant_for(target, "float16").weight_layout == COLUMN_TILES
+    assert variant_for(target, "bfloat16", tuned=True).layouts.blocks == COLUMN_TILES.name
+    assert variant_for(target, "float32").layouts == variant_for(target, "float16").layouts
+    assert variant_for(target, "float32").layouts.blocks == COLUMN_TILES.name

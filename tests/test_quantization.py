@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 import gptj_tvm
-from gptj_tvm.targets.compile import compile_model
+from gptj_tvm.compiler.compile import compile_model
 from gptj_tvm.targets.host import has_vnni
 from reference import ReferenceGPTJ, load_checkpoint, rel_max_error
 
@@ -111,14 +111,14 @@ def test_quantized_kernels_compute_the_dequantized_model(name, scheme, vnni, qua
     if vnni and not has_vnni():
         pytest.skip("this CPU has no AVX-512 VNNI")  # the float32 GEMMs (vnni=False) are tested everywhere
     gen = quantized(name, scheme, vnni)
-    assert gen.meta["quantized_gemm"] == ("vnni" if vnni else "float32")
+    assert gen.meta.plan.vnni is vnni
     ids = [i % gen.vocab_size for i in PROMPT]
     reference = ActivationQuantizedReference if vnni else ReferenceGPTJ
     expected = reference(dequantized_checkpoint(checkpoint(name), tmp_path / "dq", scheme)).logits(ids)
     # float32 models: what is left is summation order, and (vnni) the odd activation landing on the other side
     # of a rounding boundary, since the model rounds float32 values where the reference has float64 ones: one
     # level of one activation, which the two chaotic random blocks amplify (seen: up to 4.7e-3). The kernel
-    # itself is checked exactly in test_x86_gemm.py.
+    # itself is checked exactly in test_vnni_gemm.py.
     assert rel_max_error(gen.logits(ids), expected) < (2e-2 if vnni else 1e-4)
 
 
@@ -139,7 +139,7 @@ def test_quantized_logits_stay_close_to_the_unquantized_model(name, scheme, quan
 
 def test_quantized_artifacts_are_smaller(quantized, generator):
     def weight_bytes(gen):
-        return sum(info["bytes"] for info in gen.meta["weight_files"].values())
+        return gen.meta.weight_bytes
 
     full = weight_bytes(generator("wide"))
     q8, q4 = weight_bytes(quantized("wide", "q8")), weight_bytes(quantized("wide", "q4"))
@@ -149,9 +149,9 @@ def test_quantized_artifacts_are_smaller(quantized, generator):
         if vnni and not has_vnni():
             continue
         meta = quantized("wide", "q4", vnni).meta
-        assert meta["quantization"] == "q4"
-        gemms = [k for k in meta["kernels"] if gemm in k]
-        assert len(gemms) >= 3 and {meta["kernels"][k] for k in gemms} == {schedule}
+        assert meta.quantization == "q4"
+        gemms = [k for k in meta.kernels if gemm in k]
+        assert len(gemms) >= 3 and {meta.kernels[k] for k in gemms} == {schedule}
 
 
 def confident_checkpoint(source, target):

@@ -25,15 +25,16 @@ from gptj_tvm.cli import main
 assert main(["convert-weights", sys.argv[3], sys.argv[1], "--quiet"]) == 0
 out = gptj_tvm.load(sys.argv[1]).generate([464, 10730, 29598], max_new_tokens=6)
 loaded = sorted(m for m in sys.modules if m.startswith((
-    "tvm.relax", "tvm.s_tir", "gptj_tvm.frontend.model", "gptj_tvm.frontend.kernels", "gptj_tvm.ir",
-    "gptj_tvm.schedules", "gptj_tvm.targets.compile", "gptj_tvm.targets.cuda", "gptj_tvm.targets.vulkan")))
+    "tvm.relax", "tvm.s_tir", "gptj_tvm.frontend.model", "gptj_tvm.kernels", "gptj_tvm.ir",
+    "gptj_tvm.schedules", "gptj_tvm.compiler.build", "gptj_tvm.compiler.compile", "gptj_tvm.targets.cuda",
+    "gptj_tvm.targets.vulkan")))
 print(json.dumps({"ids": out.ids, "compiler_modules": loaded}))
 """
 
 
 @pytest.mark.parametrize("target", ["llvm", "vulkan"])
 def test_convert_and_generate_with_a_runtime_only_tvm(target, artifact, checkpoint, tmp_path):
-    from gptj_tvm.targets.compile import compile_model
+    from gptj_tvm.compiler.compile import compile_model
 
     if target == "vulkan":
         require_vulkan()

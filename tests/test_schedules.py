@@ -12,7 +12,7 @@ import tvm
 from gptj_tvm.frontend.config import PRESETS
 from gptj_tvm.ir import pipeline
 from gptj_tvm.schedules.cpu_matmul import CPUMatmul
-from gptj_tvm.targets.compile import export_model
+from gptj_tvm.compiler.build import export_model
 from gptj_tvm.targets.llvm import host_target
 
 

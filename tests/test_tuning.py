@@ -10,6 +10,7 @@ import pytest
 
 import gptj_tvm
 from gptj_tvm.cli import main
+from gptj_tvm.runtime.artifact import ArtifactMetadata
 
 
 BUCKET = 8
@@ -94,8 +95,8 @@ def test_compile_with_the_database_gives_the_same_logits(tuned, artifact, checkp
     report = json.loads(capsys.readouterr().out)
     assert sum(k["schedule"] == "tuned" for k in report["kernels"].values() if k["decode_calls"]) == 3
     assert report["prefill_buckets"] == [BUCKET, 32, 128]  # the database's, and compile's defaults
-    meta = json.loads((out / "metadata.json").read_text())
-    bucket_gemms = {k for k in meta["kernel_calls"][f"prefill_{BUCKET}"] if "matmul" in k}
+    meta = ArtifactMetadata.read(out)
+    bucket_gemms = {k for k in meta.kernel_calls[f"prefill_{BUCKET}"] if "matmul" in k}
     assert all(report["kernels"][k]["prefill_bucket_calls"] for k in bucket_gemms)
     assert len(bucket_gemms) == 3 and {report["kernels"][k]["schedule"] for k in bucket_gemms} == {"tuned"}
 
@@ -106,7 +107,7 @@ def test_prefill_in_bucket_chunks_matches_the_reference(tuned, reference, checkp
     assert main(["compile", str(checkpoint("tiny")), "-o", str(out), "--tuning-db", str(db), "--quiet",
                  "--prefill-buckets", "none"]) == 0
     gen = gptj_tvm.load(out)
-    assert gen.meta["prefill_buckets"] == {str(BUCKET): f"prefill_{BUCKET}"}
+    assert gen.meta.prefill_buckets == {str(BUCKET): f"prefill_{BUCKET}"}
     ids = [int(i) for i in np.random.default_rng(3).integers(0, gen.vocab_size, 2 * BUCKET + 3)]
     expected = reference("tiny").logits(ids)
     for n in (BUCKET, 2 * BUCKET, 2 * BUCKET + 3, 3):  # one chunk; two; two and 3 left; none
@@ -132,8 +133,8 @@ def test_database_from_other_hardware_is_ignored_with_a_warning(tuned, checkpoin
     assert main(["compile", str(checkpoint("tiny")), "-o", str(out), "--tuning-db", str(other), "--quiet"]) == 0
     err = capsys.readouterr().err
     assert "warning: ignoring tuning database" in err and "cpu" in err
-    meta = json.loads((out / "metadata.json").read_text())
-    assert "tuned" not in meta["kernels"].values() and meta["tuning_db"] is None
+    meta = ArtifactMetadata.read(out)
+    assert "tuned" not in meta.kernels.values() and meta.tuning_db is None
 
 
 def test_tune_refuses_to_mix_hardware_in_one_database(tuned, checkpoint, tmp_path, capsys):

@@ -91,12 +91,12 @@ def test_bad_vulkan_requests_get_one_line(tmp_path, capsys, checkpoint, artifact
 
 def test_missing_adapter_feature_is_named(monkeypatch, artifact, generator):
     generator("tiny", variant="vulkan")
-    from gptj_tvm.errors import GptjError
+    from gptj_tvm.core.errors import GptjError
     from gptj_tvm.runtime import engine
     from gptj_tvm.runtime.artifact import read_metadata
 
     meta = read_metadata(artifact("float16", variant="vulkan"))
-    assert meta["device_features"] == ["shader-f16"]
+    assert meta.device_features == ["shader-f16"]
     monkeypatch.setattr(vulkan, "describe", lambda adapter: {"name": "old-gpu", "features": []})
     with pytest.raises(GptjError, match="old-gpu lacks shader-f16"):
         engine.open_vulkan(meta, None, [])
@@ -104,7 +104,7 @@ def test_missing_adapter_feature_is_named(monkeypatch, artifact, generator):
 
 def test_weight_past_the_adapters_buffer_limit_is_named(monkeypatch, artifact, generator):
     generator("tiny", variant="vulkan")
-    from gptj_tvm.errors import GptjError
+    from gptj_tvm.core.errors import GptjError
     from gptj_tvm.runtime.engine import Generator
 
     monkeypatch.setattr(vulkan, "max_buffer_bytes", lambda index: 1 << 20)
@@ -113,7 +113,7 @@ def test_weight_past_the_adapters_buffer_limit_is_named(monkeypatch, artifact, g
 
 
 def test_kernels_past_webgpu_limits_are_named_at_compile_time():
-    from gptj_tvm.errors import GptjError
+    from gptj_tvm.core.errors import GptjError
     from gptj_tvm.targets.vulkan import check_limits
 
     @T.prim_func(s_tir=True)

@@ -5,40 +5,40 @@ positions) inside it, so prefill re-reads a tile from L2 rather than from memory
 
 vnni_matmul:
 y[t, c] = sum over groups g of  w_scale[g, c] * x_scale[t, g] * (sum over the group's k of x_q[t, k] * q[k, c])
-x is quantized per group of GROUP features to int8 (quantize_activations in model.py: x_scale = max |x| / 127,
-x_q = round(x / x_scale), x_sum = sum of x_q), the weights are stored unsigned (q + OFFSET, quantization.py)
-four input features per 32-bit lane, so `vpdpbusd` multiplies 64 weight bytes by 4 broadcast x_q bytes and
-sums each lane's four products: one instruction per 64 weight bytes, where converting every weight to float
-took 12 (q8 ran at 23 GB/s that way, q4 at 15: compute bound). The offset comes back out per group:
+x is quantized per group of GROUP features to int8 (quantize_activations, frontend/layouts/quantized.py:
+x_scale = max |x| / 127, x_q = round(x / x_scale), x_sum = sum of x_q); the weights are stored unsigned
+(q + OFFSET) four input features per 32-bit lane, so `vpdpbusd` multiplies 64 weight bytes by 4 broadcast x_q
+bytes and sums each lane's four products: one instruction per 64 weight bytes, where widening every weight to
+float takes 12 and leaves the GEMV compute bound. The offset comes back out per group:
 sum x_q (q + OFFSET) = sum x_q q + OFFSET * x_sum. q4 unpacks two nibbles per byte (low: features 8i..8i+3,
 high: 8i+4..8i+7) with an AND and a shift.
 Each 64-byte load asks for the line WEIGHT_PREFETCH_BYTES further on (into L2, running on into the next tile,
 which is the next one a thread streams), as the bfloat16 GEMVs do (schedules/prefetch.py): the hardware
-prefetchers alone left these GEMVs at 20-22 GB/s of 25-27 (GPT-J-6B's W_in and W_out, 2 threads); with it
-they read 23-27 GB/s, 10-20% faster (q8 and q4). In prefill only a tile's first row asks (see below).
+prefetchers alone leave these GEMVs short of the read bandwidth (README, "Weight prefetch"). In prefill only a
+tile's first row asks (see below).
 """
 
 from __future__ import annotations
 
 from tvm.script import tirx as T
 
-from .kernels import HAND_SCHEDULED, WEIGHT_PREFETCH_BYTES, WEIGHT_PREFETCH_LOCALITY, prefetch
-from .quantization import GROUP, OFFSET, TILE
+from .common import HAND_SCHEDULED, WEIGHT_PREFETCH_BYTES, WEIGHT_PREFETCH_LOCALITY, prefetch
 
 LANES = 16  # 32-bit lanes of a 512-bit register: 16 columns x 4 input features = 64 weight bytes
 VPDPBUSD = "llvm.x86.avx512.vpdpbusd.512"
 
 
-def vnni_matmul(in_features: int, out_features: int, scheme: str):
+def vnni_matmul(in_features: int, out_features: int, scheme: str, group: int, tile: int, offset: int):
     """(x_q [1, n, K] int8, x_scale [1, n, K / GROUP] f32, x_sum [1, n, K / GROUP] i32, weight, w_scale
-    [N / TILE, K / GROUP, TILE] f16) -> y [1, n, N] float32."""
+    [N / TILE, K / GROUP, TILE] f16) -> y [1, n, N] float32, for levels stored as frontend/layouts/quantized.py
+    says: `scheme` q8 or q4, groups of `group` input features, column tiles of `tile`, levels + `offset`."""
+    GROUP, TILE = group, tile  # the kernel's constants, named as in its math
     K, N, G = in_features, out_features, in_features // GROUP
     tiles, groups_per_k = N // TILE, GROUP
     q4 = scheme == "q4"
     rows = K // 8 if q4 else K // 4
     quads = GROUP // 4  # vpdpbusd steps per group (q4: pairs of them from one load)
     group_rows = quads // 2 if q4 else quads  # rows of the stored levels per group
-    offset = OFFSET[scheme]
     ahead = WEIGHT_PREFETCH_BYTES // (TILE * 4)  # rows of the stored levels
 
     @T.prim_func(private=True, s_tir=True)

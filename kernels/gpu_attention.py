@@ -1,4 +1,4 @@
-"""kernels.py's two kernels in thread-block form, for GPUs: same arguments, same results.
+"""attention.py's two kernels in thread-block form, for GPUs: same arguments, same results.
 
 Each kernel is a grid of blocks (blockIdx.x) of THREADS threads (threadIdx.x). Work inside a block runs in
 phases, one `threads(...)` loop each, communicating through block-shared buffers: TVM's ThreadSync pass puts a
@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 from tvm.script import tirx as T
 
-from .config import GPTJConfig
-from .kernels import HAND_SCHEDULED, _gelu_new, rotate_append_element
+from .attention import AttentionShape, gelu_new, rotate_append_element
+from .common import HAND_SCHEDULED
 
 THREADS = 128
 REDUCTION_STEPS = THREADS.bit_length() - 1  # log2(THREADS)
@@ -36,8 +36,8 @@ class Loops:
         return "shared" if self.gpu else "global"
 
 
-def rotary_append(config: GPTJConfig, dtype: str, width: int, ffn_offset: int | None, loops: Loops = Loops()):
-    """kernels.rotary_append with one thread per output element: element i < n_embd of token t rotates q and k
+def rotary_append(config: AttentionShape, dtype: str, width: int, ffn_offset: int | None, loops: Loops = Loops()):
+    """attention.rotary_append with one thread per output element: element i < n_embd of token t rotates q and k
     (head i // head_dim, column i % head_dim) and appends k and v; element n_embd + c is gelu_new of FFN
     column c."""
     H, D, R, P, d = config.n_head, config.head_dim, config.rotary_dim, config.n_positions, config.n_embd
@@ -71,12 +71,12 @@ def rotary_append(config: GPTJConfig, dtype: str, width: int, ffn_offset: int | 
                         j: T.let[T.int64] = i % D
                         rotate_append_element(qkv, cos, sin, q, k_cache, v_cache, t, h, j, pos, R, d, D, dtype)
                     elif ffn_offset is not None and i < out_width:
-                        out[0, t, i] = T.Cast(dtype, _gelu_new(qkv[0, t, ffn_offset + i - d]))
+                        out[0, t, i] = T.Cast(dtype, gelu_new(qkv[0, t, ffn_offset + i - d]))
 
     return kernel
 
 
-def attention(config: GPTJConfig, dtype: str, out_width: int, loops: Loops = Loops()):
+def attention(config: AttentionShape, dtype: str, out_width: int, loops: Loops = Loops()):
     """kernels.attention with one block per (token, head). Phases: load q; each thread scores a strided share
     of the positions (kept in shared memory) and keeps their max; a tree reduction gives the block's max;
     exp, and a tree sum; each thread then owns head columns and sums probability x v over the positions."""

@@ -1,16 +1,12 @@
-"""The bfloat16 GEMM/GEMV of CPU artifacts, on weights in column pairs (config.COLUMN_PAIRS), written in TIR.
+"""The bfloat16 GEMM/GEMV of CPU artifacts, on weights in column pairs (frontend/layouts/column_pairs.py), in TIR.
 
 A bfloat16 is the high half of a float32, so a 32-bit word holding two of them widens to two float32 with one
 instruction each: `word << 16` (the low half) and `word & 0xFFFF0000` (the high half). The weights are stored
-[out / tile, in / 2, tile, 2] (weights.paired): a 64-byte load holds 16 columns x 2 input features, and two
-float32 FMAs per load against x[2r] and x[2r + 1] broadcast. The column-tile layout (float32 and float16 keep
-it), where a GEMV widens 16 bf16 at a time from the low and the high 256 bits of a load, took three
-instructions per 16 weights and ran GPT-J-6B's decode GEMVs at 21-22 GB/s in the model against a 26-31 GB/s
-read. Measured on W_in (4096 x 28672) and W_out (20480 x 4096) with 2 threads, each against the column tiles'
-default schedule (schedules/cpu_matmul.py) in the same process: 8 layers of decode GEMVs 5-9% faster (median
-of interleaved rounds), each GEMV alone 0-9%, and the 128-row prefill GEMMs 15-25% faster (150-160 GFLOP/s);
-in GPT-J-6B's 128-token prefill (the column tiles at a static length), W_in's 28 calls take 5.8-6.2 s against
-6.0-7.0 s.
+[out / tile, in / 2, tile, 2]: a 64-byte load holds 16 columns x 2 input features, and two float32 FMAs per
+load against x[2r] and x[2r + 1] broadcast. The column-tile layout (float32 and float16 keep it), where a GEMV
+widens 16 bf16 at a time from the low and the high 256 bits of a load, takes three instructions per 16
+weights and left GPT-J-6B's decode GEMVs short of the read bandwidth (README, "bfloat16 column pairs", has the
+measurements against the column tiles' default schedule).
 
 One task per column tile (a contiguous run of the weight file), k in blocks of K_BLOCK pair rows (64 KiB of a
 64-column tile, kept in L2 while every prompt position passes over it), the positions in blocks of ROWS (4 x 64
@@ -28,8 +24,7 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
-from .config import pair_tile
-from .kernels import HAND_SCHEDULED, WEIGHT_PREFETCH_BYTES, WEIGHT_PREFETCH_LOCALITY, prefetch
+from .common import HAND_SCHEDULED, WEIGHT_PREFETCH_BYTES, WEIGHT_PREFETCH_LOCALITY, prefetch
 
 LANES = 16  # float32 lanes of a 512-bit register
 ROWS = 4  # prompt positions per block
@@ -38,14 +33,15 @@ LOW_HALF_SHIFT = 16
 HIGH_HALF_MASK = 0xFFFF0000
 
 
-def pair_matmul(in_features: int, out_features: int, x_dtype: str, bias: bool = False, residual: bool = False):
-    """The kernel for one weight: (x, weight[, bias [N] float32[, residual [1, n, N] float32]]) -> y."""
+def pair_matmul(in_features: int, out_features: int, tile: int, x_dtype: str, bias: bool = False,
+                residual: bool = False):
+    """The kernel for one weight in column pairs of `tile` columns: (x, weight[, bias [N] float32[, residual
+    [1, n, N] float32]]) -> y."""
     if residual and not bias:
         raise ValueError("a residual comes with a bias (the fused block's W_out)")
     K, N = in_features, out_features
-    tile = pair_tile(K, N)
-    if tile is None:
-        raise ValueError(f"a {K} x {N} weight does not pair (config.pair_tile)")
+    if K % 2 or N % tile:
+        raise ValueError(f"a {K} x {N} weight does not pair in tiles of {tile} columns")
     tiles, pair_rows = N // tile, K // 2
     k_block = next(b for b in (K_BLOCK, 128, 64, 32, 16, 8, 4, 2, 1) if pair_rows % b == 0)
     k_blocks = pair_rows // k_block

@@ -1,4 +1,4 @@
-"""The hand-written x86 GEMM (frontend/x86_gemm.py) against integer numpy, exactly."""
+"""The hand-written x86 GEMM (kernels/vnni_gemm.py) against integer numpy, exactly."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import tvm
 
-from gptj_tvm.frontend import quantization
-from gptj_tvm.frontend.x86_gemm import vnni_matmul
+from gptj_tvm.frontend.layouts import quantized as quantization
+from gptj_tvm.kernels.vnni_gemm import vnni_matmul
 from gptj_tvm.targets.host import has_vnni
 from gptj_tvm.targets.llvm import host_target
 
@@ -33,7 +33,7 @@ def test_vnni_kernel_is_exact(scheme):
     dots = np.einsum("rgk,gkc->rgc", x_q[0].reshape(rows, k // GROUP, GROUP).astype(np.int64),
                      levels.reshape(k // GROUP, GROUP, n).astype(np.int64))
     expected = (dots * (w_scale.astype(np.float64)[None] * x_scale[0][:, :, None])).sum(1)
-    lib = build(vnni_matmul(k, n, scheme))
+    lib = build(vnni_matmul(k, n, scheme, GROUP, quantization.TILE, quantization.OFFSET[scheme]))
     args = [tvm.runtime.tensor(a) for a in (x_q, x_scale, x_sum, quantization.pack(levels, scheme),
                                             quantization.tiled(w_scale))]
     out = tvm.runtime.empty((1, rows, n), "float32")

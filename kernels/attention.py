@@ -7,19 +7,36 @@ Both kernels come already scheduled (parallel over the outer loop); the schedule
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from tvm.runtime import DataType
 from tvm.script import tirx as T
 
-from .config import GELU_NEW_COEFF, GELU_NEW_SCALE, GPTJConfig
+from gptj_tvm.core.constants import GELU_NEW_COEFF, GELU_NEW_SCALE
 
-HAND_SCHEDULED = {"tirx.is_scheduled": True, "tirx.noalias": True}
+from .common import HAND_SCHEDULED, prefetch
+
 # rotary_append splits each token's heads and FFN columns this many ways: a decode step has one token, and its
 # gelu_new over d_ff columns (a libm expf per column: LLVM does not vectorize it) took 0.16-0.25 ms on one
 # thread, 5-7 ms of a GPT-J-6B token
 PARTS = 8
 
 
-def rotary_append(config: GPTJConfig, dtype: str, width: int, ffn_offset: int | None):
+@dataclass(frozen=True)
+class AttentionShape:
+    """What the attention kernels need of a model, as plain numbers (kernels know nothing of configs)."""
+    n_head: int
+    head_dim: int
+    rotary_dim: int
+    n_positions: int
+    d_ff: int
+
+    @property
+    def n_embd(self) -> int:
+        return self.n_head * self.head_dim
+
+
+def rotary_append(config: AttentionShape, dtype: str, width: int, ffn_offset: int | None):
     """(qkv [1, n, width] float32, cos, sin, k_cache, v_cache, total) -> (k_cache, v_cache, q, out).
 
     qkv holds q | k | v (| f) side by side. q and k get GPT-J's interleaved rotary at positions total - n ..
@@ -60,12 +77,12 @@ def rotary_append(config: GPTJConfig, dtype: str, width: int, ffn_offset: int | 
                     for c in range(ff_part):
                         if part * ff_part + c < ff:
                             out[0, t, d + part * ff_part + c] = T.Cast(
-                                dtype, _gelu_new(qkv[0, t, ffn_offset + part * ff_part + c]))
+                                dtype, gelu_new(qkv[0, t, ffn_offset + part * ff_part + c]))
 
     return kernel
 
 
-def _rotate(qkv, t, base, j, cos, sin, pos):
+def rotate(qkv, t, base, j, cos, sin, pos):
     x = qkv[0, t, base + j]
     partner = qkv[0, t, base + T.bitwise_xor(j, 1)]
     c = cos[pos, T.floordiv(j, 2)]
@@ -76,10 +93,10 @@ def _rotate(qkv, t, base, j, cos, sin, pos):
 @T.macro
 def rotate_append_element(qkv, cos, sin, q, k_cache, v_cache, t, h, j, pos, rotary_dim, n_embd, head_dim, dtype):
     """Element (h, j) of token t: q and k rotated (the first rotary_dim columns of a head), k and v appended to
-    the caches at pos. Shared by the CPU kernel above and gpu_kernels.rotary_append."""
+    the caches at pos. Shared by the CPU kernel above and gpu_attention.rotary_append."""
     if j < rotary_dim:
-        q[0, t, h, j] = T.Cast(dtype, _rotate(qkv, t, h * head_dim, j, cos, sin, pos))
-        k_cache[pos, h, j] = T.Cast(dtype, _rotate(qkv, t, n_embd + h * head_dim, j, cos, sin, pos))
+        q[0, t, h, j] = T.Cast(dtype, rotate(qkv, t, h * head_dim, j, cos, sin, pos))
+        k_cache[pos, h, j] = T.Cast(dtype, rotate(qkv, t, n_embd + h * head_dim, j, cos, sin, pos))
     else:
         q[0, t, h, j] = T.Cast(dtype, qkv[0, t, h * head_dim + j])
         k_cache[pos, h, j] = T.Cast(dtype, qkv[0, t, n_embd + h * head_dim + j])
@@ -89,24 +106,12 @@ def rotate_append_element(qkv, cos, sin, q, k_cache, v_cache, t, h, j, pos, rota
 AHEAD = 4  # cache positions
 
 
-# How far ahead the weight-streaming kernels ask for their weights (the float GEMVs, schedules/prefetch.py; the
-# VNNI GEMVs, x86_gemm.py) and the bandwidth read the bound divides by (targets/bandwidth.py), into L2
-WEIGHT_PREFETCH_BYTES = 16 << 10
-WEIGHT_PREFETCH_LOCALITY = 2
-
-
-def prefetch(element, locality: int = 3):
-    """Ask for the cache line holding `element` (a buffer load) before it is read; locality 3: into L1
-    (`prefetcht0`), 2: into L2 (`prefetcht1`)."""
-    T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(element), 0, locality, 1))
-
-
-def _gelu_new(x):
+def gelu_new(x):
     return T.float32(0.5) * x * (T.float32(1.0) + T.tanh(
         T.float32(GELU_NEW_SCALE) * (x + T.float32(GELU_NEW_COEFF) * x * x * x)))
 
 
-def attention(config: GPTJConfig, dtype: str, out_width: int):
+def attention(config: AttentionShape, dtype: str, out_width: int):
     """(q [1, n, n_head, head_dim], k_cache, v_cache, out [1, n, out_width], total) -> out, with
     out[:, t, :n_embd] = causal softmax(q k^T / sqrt(head_dim)) v over cache positions 0 .. total - n + t,
     scores, softmax and the weighted sum in float32. Written in place: out may already hold other columns."""

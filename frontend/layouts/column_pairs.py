@@ -1,0 +1,58 @@
+"""Column pairs: W [in, out] stored [out / tile, in / 2, tile, 2], input features 2r and 2r + 1 of a column in
+one 32-bit word, which a shift and a mask widen to two float32 (bfloat16 CPU artifacts; the kernel is
+kernels/pair_gemm.py, which adds the bias and the residual as it writes y). Tiles are narrower than column
+tiles': a tile's accumulators for 4 prompt positions must fit in registers. A weight that does not pair (odd
+in_features, or no PAIR_TILES width divides out_features) stays in column tiles."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .base import LinearLayout, as_bits
+from .column_tiles import COLUMN_TILES
+
+PAIR_TILES = (64, 32, 16, 8)
+
+
+def pair_tile(in_features: int, out_features: int) -> int | None:
+    """The tile of a [in, out_features] weight in column pairs, or None where the weight does not pair."""
+    if in_features % 2:
+        return None
+    return next((t for t in PAIR_TILES if out_features % t == 0), None)
+
+
+def paired(weight: np.ndarray) -> np.ndarray:
+    """[in, out] -> [out / tile, in / 2, tile, 2], contiguous."""
+    k, n = weight.shape
+    t = pair_tile(k, n)
+    return np.ascontiguousarray(as_bits(weight).reshape(k // 2, 2, n // t, t).transpose(2, 0, 3, 1)).view(weight.dtype)
+
+
+class ColumnPairs(LinearLayout):
+    name = "column-pairs"
+    label = "column pairs (hand-written bfloat16 GEMM)"
+
+    def for_shape(self, in_features, out_features, vnni=False):
+        return self if pair_tile(in_features, out_features) is not None else COLUMN_TILES
+
+    def parameters(self, in_features, out_features, dtype):
+        tile = pair_tile(in_features, out_features)
+        return {"weight": ((out_features // tile, in_features // 2, tile, 2), dtype)}
+
+    def convert(self, weight):
+        return {"weight": paired(weight)}
+
+    def forward(self, x, params, in_features, out_features, bias=None, residual=None):
+        from tvm.relax.frontend import nn
+        from tvm.relax.frontend.nn import op
+
+        from gptj_tvm.kernels.pair_gemm import pair_matmul
+
+        extra = [t for t in (bias, residual) if t is not None]
+        kernel = pair_matmul(in_features, out_features, pair_tile(in_features, out_features), str(x.dtype),
+                             bias=bias is not None, residual=residual is not None)
+        return op.tensor_ir_op(kernel, "pair_matmul", [x, params["weight"], *extra],
+                               nn.Tensor.placeholder([1, x.shape[1], out_features], "float32"))
+
+
+COLUMN_PAIRS = ColumnPairs()

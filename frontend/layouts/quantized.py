@@ -1,0 +1,206 @@
+"""Weight-only quantization: what q8 and q4 mean, and the quantizer that runs at weight conversion (numpy).
+
+Symmetric, per group of GROUP consecutive input features of one output feature, float16 scales:
+    scale = float16(e / QMIN)        e: the group's value of largest magnitude (scale 1 for an all-zero group)
+    q     = clip(round_half_even(w / scale), QMIN, QMAX)
+    w'    = q * scale
+q8: levels -127..127, 8.5 bits per weight. q4: levels -8..7, 4.5 bits per weight: the extreme lands on -8 (the
+scale takes its sign), so all 16 levels are used (ggml's q4_0 does the same), and then one least-squares step
+moves the scale to <w, q> / <q, q> (requantized) where that lowers the group's squared error: 13% less RMS
+error than max / 7 on Gaussian weights, for no cost at run time. Every linear weight of the blocks is
+quantized; lm_head is q8 in both (its 206M weights are a twelfth of the model's time; q4 moves its logits
+most); the embedding table stays in the model dtype (decode reads one row of it per token).
+
+Stored layout, per linear (made for AVX-512 VNNI, kernels/vnni_gemm.py): the levels unsigned, q + OFFSET,
+in column tiles of TILE outputs, four consecutive input features of one output in one 32-bit word:
+    q8: uint8 [out / TILE, in / 4, TILE, 4]          byte [t, i, c, r] = q[4i + r, t TILE + c] + 128
+    q4: uint8 [out / TILE, in / 8, TILE, 4]          low nibble: q[8i + r, .] + 8, high nibble: q[8i + 4 + r, .] + 8
+and the scales float16 [out / TILE, in / GROUP, TILE].
+
+The GEMM: with vnni (x86 CPUs with AVX-512 VNNI) the input is quantized per group to int8 and the GEMM runs on
+integer dot products (kernels/vnni_gemm.py); otherwise the levels are widened to float32 and multiplied by x
+exactly (`quantized_matmul`, scheduled by schedules/cpu_quant.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from gptj_tvm.core.errors import GptjError
+
+from .base import LinearLayout
+
+SCHEMES = ("q8", "q4")
+GROUP = 32
+TILE = 64  # 64 float32 accumulators per strip: 4 AVX-512 registers, plus 4 for the group's partial sums
+QMAX = {"q8": 127, "q4": 7}
+QMIN = {"q8": -127, "q4": -8}
+OFFSET = {"q8": 128, "q4": 8}
+FEATURES_PER_ROW = {"q8": 4, "q4": 8}  # input features in one [.., TILE, 4] row of the stored levels
+LM_HEAD = "q8"
+
+
+def check_scheme(scheme: str) -> None:
+    if scheme not in SCHEMES:
+        raise GptjError(f"unknown quantization {scheme!r}: choose q8 or q4")
+
+
+def check_shape(in_features: int, out_features: int) -> None:
+    if in_features % GROUP or out_features % TILE:
+        raise GptjError(f"cannot quantize a {in_features} x {out_features} weight: its input features must be a "
+                        f"multiple of {GROUP} and its output features of {TILE}")
+
+
+def quantize(weight: np.ndarray, scheme: str, block: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    """[in, out] float weight -> (levels [in, out] int8, scales [in / GROUP, out] float16), as the module says.
+    Works through `block` output columns at a time, so its float32 temporaries stay small."""
+    k, n = weight.shape
+    check_shape(k, n)
+    levels = np.empty((k, n), dtype=np.int8)
+    scales = np.empty((k // GROUP, n), dtype=np.float16)
+    for start in range(0, n, block):
+        groups = weight[:, start:start + block].astype(np.float32).reshape(k // GROUP, GROUP, -1)
+        extreme = np.take_along_axis(groups, np.abs(groups).argmax(axis=1)[:, None, :], axis=1)[:, 0, :]
+        scale, q = _levels(groups, extreme / np.float32(QMIN[scheme]), scheme)
+        if scheme == "q4":
+            fitted = (groups * q).sum(axis=1) / np.maximum((q * q).sum(axis=1), 1)
+            scale2, q2 = _levels(groups, fitted, scheme)
+            better = _squared_error(groups, scale2, q2) < _squared_error(groups, scale, q)
+            scale, q = np.where(better, scale2, scale), np.where(better[:, None, :], q2, q)
+        levels[:, start:start + block] = q.astype(np.int8).reshape(k, -1)
+        scales[:, start:start + block] = scale
+    return levels, scales
+
+
+def _levels(groups: np.ndarray, scale: np.ndarray, scheme: str) -> tuple[np.ndarray, np.ndarray]:
+    """(float16 scales [groups, n], float32 levels [groups, GROUP, n]) for these scales."""
+    scale = scale.astype(np.float16)
+    scale[scale == 0] = 1
+    q = np.clip(np.rint(groups / scale.astype(np.float32)[:, None, :]), QMIN[scheme], QMAX[scheme])
+    return scale, q
+
+
+def _squared_error(groups: np.ndarray, scale: np.ndarray, q: np.ndarray) -> np.ndarray:
+    return np.square(q * scale.astype(np.float32)[:, None, :] - groups).sum(axis=1)
+
+
+def pack(levels: np.ndarray, scheme: str) -> np.ndarray:
+    """int8 levels [in, out] -> the stored levels (the module's layout)."""
+    k, n = levels.shape
+    unsigned = (levels.astype(np.int16) + OFFSET[scheme]).astype(np.uint8)
+    quads = unsigned.reshape(k // 4, 4, n // TILE, TILE)  # [i, r, t, c]: feature 4i + r of column t TILE + c
+    if scheme == "q4":
+        quads = quads[0::2] | (quads[1::2] << 4)  # features 8i + r low, 8i + 4 + r high
+    return np.ascontiguousarray(quads.transpose(2, 0, 3, 1))
+
+
+def tiled(array: np.ndarray) -> np.ndarray:
+    """[rows, out] -> [out / TILE, rows, TILE], contiguous."""
+    rows, n = array.shape
+    return np.ascontiguousarray(array.reshape(rows, n // TILE, TILE).transpose(1, 0, 2))
+
+
+@dataclasses.dataclass(frozen=True)
+class Quantized(LinearLayout):
+    scheme: str = "q8"
+    vnni: bool = False  # the GEMM on VNNI integer dot products (else float32 from the widened levels)
+    quantized = True
+
+    @property
+    def name(self) -> str:
+        return self.scheme
+
+    @property
+    def label(self) -> str:
+        gemm = "VNNI integer dot products" if self.vnni else "levels widened to float32"
+        return f"{self.scheme}: {8 if self.scheme == 'q8' else 4}-bit levels, groups of {GROUP} ({gemm})"
+
+    def for_shape(self, in_features, out_features, vnni=False):
+        check_shape(in_features, out_features)
+        return dataclasses.replace(self, vnni=vnni)
+
+    def parameters(self, in_features, out_features, dtype):
+        tiles = out_features // TILE
+        return {"weight": ((tiles, in_features // FEATURES_PER_ROW[self.scheme], TILE, 4), "uint8"),
+                "scale": ((tiles, in_features // GROUP, TILE), "float16")}
+
+    def convert(self, weight):
+        levels, scales = quantize(weight, self.scheme)
+        return {"weight": pack(levels, self.scheme), "scale": tiled(scales)}
+
+    def matmul(self, x, params, in_features, out_features):
+        from tvm.relax.frontend import nn
+        from tvm.relax.frontend.nn import op
+
+        if not self.vnni:
+            return quantized_matmul(x, params["weight"], params["scale"], self.scheme)
+        from gptj_tvm.kernels.vnni_gemm import vnni_matmul
+
+        x_q, x_scale, x_sum = quantize_activations(x)
+        kernel = vnni_matmul(in_features, out_features, self.scheme, GROUP, TILE, OFFSET[self.scheme])
+        return op.tensor_ir_op(kernel, "vnni_matmul", [x_q, x_scale, x_sum, params["weight"], params["scale"]],
+                               nn.Tensor.placeholder([1, x.shape[1], out_features], "float32"))
+
+
+Q8, Q4 = Quantized("q8"), Quantized("q4")
+
+
+def quantize_activations(x):
+    """x [1, n, K] -> (x_q int8, x_scale float32 [1, n, K / GROUP], x_sum int32 [1, n, K / GROUP]): per group of
+    GROUP features, x_scale = max |x| / 127 (1 for an all-zero group), x_q = round half even(x / x_scale)."""
+    from tvm import te, tirx
+    from tvm.relax.frontend.nn import op
+
+    f32 = "float32"
+
+    def compute(x: te.Tensor):
+        b, n, k = x.shape
+        ki = te.reduce_axis((0, GROUP), name="ki")
+        amax = te.compute((b, n, k // GROUP),
+                          lambda i, t, g: te.max(te.abs(x[i, t, g * GROUP + ki].astype(f32)), axis=ki), name="amax")
+        scale = te.compute(amax.shape, lambda i, t, g: tirx.Select(
+            amax[i, t, g] > 0, amax[i, t, g] / tirx.const(127.0, f32), tirx.const(1.0, f32)), name="x_scale")
+        x_q = te.compute(x.shape, lambda i, t, j: tirx.nearbyint(
+            x[i, t, j].astype(f32) / scale[i, t, j // GROUP]).astype("int8"), name="x_q")
+        kj = te.reduce_axis((0, GROUP), name="kj")
+        x_sum = te.compute(amax.shape, lambda i, t, g: te.sum(x_q[i, t, g * GROUP + kj].astype("int32"), axis=kj),
+                           name="x_sum")
+        return [x_q, scale, x_sum]
+
+    return op.tensor_expr_op(compute, "quantize_activations", [x])
+
+
+def quantized_matmul(x, weight, scale, scheme: str):
+    """x [b, n, in] @ W' with W' = levels x scale per group of input features; float32 result. Two reductions:
+    each group's sum of x times the integer levels, then the groups' sums times their scales (the scale
+    multiplies once per group, not per weight). schedules/cpu_quant.py keeps both in registers."""
+    from tvm import te, tirx
+    from tvm.relax.frontend.nn import op
+
+    f32 = "float32"
+    tiles, _, tile, _ = (int(s) for s in weight.shape)
+    groups = int(scale.shape[1])
+    offset = tirx.const(float(OFFSET[scheme]), f32)
+
+    def level(w: te.Tensor, j, k):
+        if scheme == "q8":
+            return w[j // tile, k // 4, j % tile, k % 4].astype(f32) - offset
+        byte = w[j // tile, k // 8, j % tile, k % 4]
+        nibble = (byte >> (k % 8 // 4 * 4).astype("uint8")) & tirx.const(15, "uint8")
+        return nibble.astype(f32) - offset
+
+    def compute(x: te.Tensor, w: te.Tensor, s: te.Tensor):
+        ki = te.reduce_axis((0, GROUP), name="ki")
+        partial = te.compute(
+            (x.shape[0], x.shape[1], groups, tiles * tile),
+            lambda b, t, g, j: te.sum(x[b, t, g * GROUP + ki].astype(f32) * level(w, j, g * GROUP + ki), axis=ki),
+            name="group_sum")
+        gi = te.reduce_axis((0, groups), name="g")
+        return te.compute(
+            (x.shape[0], x.shape[1], tiles * tile),
+            lambda b, t, j: te.sum(partial[b, t, gi, j] * s[j // tile, gi, j % tile].astype(f32), axis=gi),
+            name="matmul")
+
+    return op.tensor_expr_op(compute, "quantized_matmul", [x, weight, scale])

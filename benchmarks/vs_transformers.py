@@ -101,10 +101,10 @@ def main() -> int:
     args = parser.parse_args()
     if args.worker:
         return worker(args)
-    from gptj_tvm.cli import _read_bandwidth
+    from gptj_tvm.runtime.bench import read_bandwidth
 
     report = {"threads": THREADS, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
-              "read_bandwidth_gb_s": (_read_bandwidth() or 0) / 1e9}
+              "read_bandwidth_gb_s": (read_bandwidth() or 0) / 1e9}
     report["gptj_tvm"] = in_process(args, "ours")
     report["transformers"] = in_process(args, "transformers")
     ours, theirs = report["gptj_tvm"], report["transformers"]

@@ -53,8 +53,8 @@ def compile_model(model_dir, out_dir, options: CompileOptions | None = None, **c
         prefill_buckets = ()
     own = check_buckets(prefill_buckets, config)  # None: the defaults
     buckets = check_buckets([*own, *(b for b in tuned_buckets if b <= config.n_positions)], config)
-    # the serving engine's batched step (runtime/batch.py): CPU artifacts for now
-    batched = tvm_target.kind.name == "llvm"
+    # the serving engine's batched step (runtime/batch.py): CPUs and CUDA; the Vulkan bridge runs one sequence
+    batched = tvm_target.kind.name in ("llvm", "cuda")
     artifact.check_replaceable(out_dir)
     with staging_dir(out_dir) as staging:
         start = time.perf_counter()

@@ -124,7 +124,11 @@ def rotary_append(config: GPTJConfig, dtype: str, gpu_loops: gpu_attention.Loops
                + [nn.Tensor.placeholder([1, n, config.n_head, config.head_dim], dtype),
                   nn.Tensor.placeholder([1, n, out_width], dtype)])
     if isinstance(total, BatchRows):
-        kernel = batch_attention.batch_rotary_append(attention_shape(config), dtype, int(width), ffn_offset)
+        if gpu_loops is None:
+            kernel = batch_attention.batch_rotary_append(attention_shape(config), dtype, int(width), ffn_offset)
+        else:
+            kernel = gpu_attention.batch_rotary_append(attention_shape(config), dtype, int(width), ffn_offset,
+                                                       gpu_loops)
         keys, values, q, out = op.tensor_ir_inplace_op(
             kernel, "batch_rotary_append",
             [qkv, rotary.cos, rotary.sin, cache.keys, cache.values, total.slots, total.positions], [3, 4, -1, -1],
@@ -147,7 +151,10 @@ def attention(config: GPTJConfig, dtype: str, gpu_loops: gpu_attention.Loops | N
     """Causal attention of q over the cache, written into out[:, :, :n_embd] (in place)."""
     width = int(out.shape[2])
     if isinstance(total, BatchRows):
-        kernel = batch_attention.batch_attention(attention_shape(config), dtype, width)
+        if gpu_loops is None:
+            kernel = batch_attention.batch_attention(attention_shape(config), dtype, width)
+        else:
+            kernel = gpu_attention.attention(attention_shape(config), dtype, width, gpu_loops, batched=True)
         return op.tensor_ir_inplace_op(kernel, "batch_attention",
                                        [q, cache.keys, cache.values, total.slots, total.positions, out], [5],
                                        nn.Tensor.placeholder(out.shape, dtype))

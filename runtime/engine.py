@@ -6,7 +6,6 @@ Imports TVM's runtime only (tvm.runtime), never its compiler, so it works with a
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -19,20 +18,12 @@ from tvm.runtime.vm import VirtualMachine
 from gptj_tvm.core.errors import GptjError
 
 from .artifact import ArtifactMetadata
+from .generation import Generation, TextStream, check_sampling, finish_stats, held_back
 from .profiler import record_calls
 from .sampling import next_token
 from .tokenizer import ArtifactTokenizer
 
 DEVICES = {"cpu": tvm.cpu, "cuda": tvm.cuda, "vulkan": lambda index=0: tvm.runtime.device("webgpu", index)}
-
-
-@dataclass
-class Generation:
-    text: str
-    ids: list[int]
-    prompt_ids: list[int]
-    stats: dict = field(default_factory=dict)
-    finish_reason: str = "length"
 
 
 class Generator:
@@ -192,7 +183,7 @@ class Generator:
     def _events(self, prompt, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                 seed: int | None = None, stop: Sequence[str] = ()) -> Iterator[tuple[str, Generation]]:
         """Yields (new text piece, the generation so far); the last Generation is complete."""
-        check_sampling(max_new_tokens, temperature, top_k, top_p)
+        check_sampling(max_new_tokens, temperature, top_k, top_p, seed)
         prompt_ids = self._check_ids(self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt)
         stop = [s for s in stop if s]
         result = Generation(text="", ids=[], prompt_ids=prompt_ids)
@@ -233,44 +224,12 @@ class Generator:
             pass
         return result
 
+    def generate_batch(self, prompts: Sequence, **kwargs) -> list[Generation]:
+        """`generate` for many prompts, batched (runtime/batch.py): one Generation per prompt, in order, each
+        what `generate` gives it alone; `max_batch` (default 8) sequences run together."""
+        from .batch import generate_batch
 
-class TextStream:
-    def __init__(self, events: Iterator[tuple[str, Generation]]):
-        self._events = events
-        self.result: Generation | None = None
-
-    def __iter__(self) -> Iterator[str]:
-        for piece, self.result in self._events:
-            if piece:
-                yield piece
-
-
-def held_back(text: str, stops: Sequence[str]) -> int:
-    """How many trailing characters to hold: an unfinished UTF-8 sequence, or the start of a stop string."""
-    hold = 1 if text.endswith("\ufffd") else 0
-    for stop in stops:
-        for n in range(min(len(stop) - 1, len(text)), 0, -1):
-            if text.endswith(stop[:n]):
-                hold = max(hold, n)
-                break
-    return hold
-
-
-def check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: float) -> None:
-    if max_new_tokens < 1:
-        raise GptjError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    if temperature < 0:
-        raise GptjError(f"temperature must be 0 (greedy) or positive, got {temperature}")
-    if top_k < 0:
-        raise GptjError(f"top_k must be 0 (off) or positive, got {top_k}")
-    if not 0.0 < top_p <= 1.0:
-        raise GptjError(f"top_p must be in (0, 1], got {top_p}")
-
-
-def finish_stats(stats: dict) -> None:
-    stats["prefill_tokens_per_s"] = stats["prompt_tokens"] / stats["prefill_s"] if stats["prefill_s"] else 0.0
-    steps = stats["decode_steps"]
-    stats["decode_tokens_per_s"] = steps / stats["decode_s"] if steps and stats["decode_s"] else 0.0
+        return generate_batch(self, prompts, **kwargs)
 
 
 def runnable_here(meta: ArtifactMetadata) -> bool:

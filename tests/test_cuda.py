@@ -67,6 +67,9 @@ def test_cuda_artifact_has_thread_bound_kernels_for_its_arch(model, arch, cuda_a
     block = report["decode_block_kernels"]
     assert block[2:4] == ["rotary_append", "attention"]
     assert [meta.kernels[name] for name in (block[1], block[4])] == ["default GEMV", "default GEMV"]
+    # the serving engine's batched step is built too, its attention kernels thread-bound like the rest
+    assert "step" in meta.functions
+    assert {"batch_rotary_append", "batch_attention"} <= set(meta.kernel_calls["step"])
 
 
 def test_a_kernel_without_threads_is_refused(checkpoint, tmp_path, monkeypatch):

@@ -38,11 +38,12 @@ def test_merged_weights_are_the_checkpoints_projections(checkpoint):
     """w_in = [q | k | v | fc_in] (transposed), b_in = [0 | fc_in bias], w_out = [out_proj ; fc_out], each
     stored in column tiles [out / t, in, t]."""
     from gptj_tvm.frontend.config import GPTJConfig
+    from gptj_tvm.frontend.layouts import LayoutPlan
     from gptj_tvm.frontend.weights import Checkpoint
 
     folder = checkpoint("odd")
     ckpt = Checkpoint(folder, GPTJConfig.from_file(folder / "config.json"))
-    ours = dict(ckpt.converted("float32", fuse_block=True))
+    ours = dict(ckpt.converted("float32", LayoutPlan(), fuse_block=True))
     hf = lambda name: ckpt.read(f"transformer.h.1.{name}")  # noqa: E731
     d = ckpt.config.n_embd
     expected_in = np.concatenate([hf("attn.q_proj.weight").T, hf("attn.k_proj.weight").T,

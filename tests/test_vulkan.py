@@ -93,9 +93,9 @@ def test_missing_adapter_feature_is_named(monkeypatch, artifact, generator):
     generator("tiny", variant="vulkan")
     from gptj_tvm.core.errors import GptjError
     from gptj_tvm.runtime import engine
-    from gptj_tvm.runtime.artifact import read_metadata
+    from gptj_tvm.runtime.artifact import ArtifactMetadata
 
-    meta = read_metadata(artifact("float16", variant="vulkan"))
+    meta = ArtifactMetadata.read(artifact("float16", variant="vulkan"))
     assert meta.device_features == ["shader-f16"]
     monkeypatch.setattr(vulkan, "describe", lambda adapter: {"name": "old-gpu", "features": []})
     with pytest.raises(GptjError, match="old-gpu lacks shader-f16"):

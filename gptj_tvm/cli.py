@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .core.errors import GptjError
 from .frontend.config import PREFILL_BUCKETS
+from .runtime.batch import DEFAULT_PREFILL_CHUNK
 
 DTYPE_CHOICES = ("float32", "float16", "bfloat16")
 
@@ -138,6 +139,23 @@ def cmd_generate(args) -> int:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    _runtime_library_only(args.artifact)
+    try:
+        from .runtime.server import serve  # uvicorn prints where it listens, the server when the model is ready
+        from .runtime.serving import ServeOptions
+    except ImportError as err:
+        raise GptjError(f"serving needs FastAPI, uvicorn and prometheus_client: pip install 'gptj-tvm[serve]' "
+                        f"({err})") from None
+
+    options = ServeOptions(max_batch=args.max_batch, max_queue=args.max_queue, kv_cache_gb=args.kv_cache_gb,
+                           prefill_chunk=args.prefill_chunk, api_key=args.api_key, model_name=args.model_name,
+                           max_tokens_limit=args.max_tokens_limit, max_n=args.max_n,
+                           drain_seconds=args.drain_seconds)
+    serve(args.artifact, host=args.host, port=args.port, options=options)
     return 0
 
 
@@ -321,6 +339,36 @@ def _add_generate(sub) -> None:
     p.set_defaults(func=cmd_generate)
 
 
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching",
+                       description="Serve an artifact over HTTP with OpenAI's API (/v1/completions, "
+                                   "/v1/chat/completions, /v1/models; streaming by server-sent events), plus "
+                                   "/health, /metrics (Prometheus), /tokenize and /detokenize. Requests are batched "
+                                   "continuously: up to --max-batch sequences decode together, one weight read per "
+                                   "step. SIGINT/SIGTERM drain: no new requests, running ones get --drain-seconds.")
+    p.add_argument("artifact", help="artifact folder made by `gptj-tvm compile` (CPU, with the batched step)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="default 8000")
+    p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (default 8)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="requests waiting for a sequence slot before new ones get 429 (default 64)")
+    p.add_argument("--kv-cache-gb", type=float, metavar="G",
+                   help="KV cache budget in GB (10^9 bytes) for all --max-batch sequences; sets the positions per "
+                        "sequence (default: the model's context for each)")
+    p.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK, metavar="TOKENS",
+                   help="prompt tokens prefilled per step beside the running streams' tokens: smaller keeps their "
+                        f"inter-token latency low while a prompt comes in, larger gets it in sooner (default "
+                        f"{DEFAULT_PREFILL_CHUNK})")
+    p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1 and /tokenize, /detokenize "
+                                     "(/health and /metrics stay open)")
+    p.add_argument("--model-name", help="the model id clients name (default: the artifact folder's name)")
+    p.add_argument("--max-tokens-limit", type=int, help="largest max_tokens accepted (default: a sequence's positions)")
+    p.add_argument("--max-n", type=int, default=16, help="largest n (choices per request) accepted (default 16)")
+    p.add_argument("--drain-seconds", type=float, default=30.0,
+                   help="on SIGINT/SIGTERM, how long running requests may take to finish (default 30)")
+    p.set_defaults(func=cmd_serve)
+
+
 def _add_devices(sub) -> None:
     p = sub.add_parser("devices", help="list the Vulkan adapters and CUDA GPUs this machine has",
                        description="List the GPUs artifacts can run on: Vulkan adapters (name, type, driver; "
@@ -371,8 +419,8 @@ def _add_demo(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gptj-tvm", description="GPT-J compiled by Apache TVM.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_init_random, _add_compile, _add_convert_weights, _add_tune, _add_generate, _add_devices,
-                _add_inspect, _add_bench, _add_demo):
+    for add in (_add_init_random, _add_compile, _add_convert_weights, _add_tune, _add_generate, _add_serve,
+                _add_devices, _add_inspect, _add_bench, _add_demo):
         add(sub)
     return parser
 

@@ -16,18 +16,19 @@ from gptj_tvm.ir import pipeline
 from gptj_tvm.schedules.database import TuningDatabase
 from gptj_tvm.schedules.default import schedule_kernels
 from gptj_tvm.targets import cuda, vulkan
-from gptj_tvm.targets.host import has_vnni
+from gptj_tvm.targets.host import has_avx512_bf16, has_vnni
 from gptj_tvm.targets.resolve import is_gpu, resolve_target, tuning_fingerprint
 
 from .options import CPU, GPU, BuildOptions, Variant
 
 
 def variant_for(target: tvm.target.Target, dtype: str = "float32", tuned: bool = False,
-                quantization: str | None = None, vnni: bool | None = None) -> Variant:
+                quantization: str | None = None, vnni: bool | None = None, bf16_dot: bool | None = None) -> Variant:
     """The graph a target runs. A CPU's bfloat16 GEMMs read column pairs (kernels/pair_gemm.py), except with a
     tuning database (`tuned`): MetaSchedule tunes the column-tile GEMMs, which the hand-written pair kernels
     leave it nothing to tune in. Quantized blocks (CPU only) take q8 or q4 and lm_head q8; their GEMMs run on
-    VNNI dot products where `vnni` (default: where this CPU has them)."""
+    VNNI dot products where `vnni`, and bfloat16 pair GEMMs on vdpbf16ps where `bf16_dot` (default: where this
+    CPU has them; the artifact then needs a CPU that has them, as it needs every ISA feature of its host)."""
     if is_gpu(target):
         if quantization is not None:
             raise GptjError(f"--quantization is for CPU artifacts (--target llvm) for now, not {target.kind.name!r}")
@@ -36,7 +37,8 @@ def variant_for(target: tvm.target.Target, dtype: str = "float32", tuned: bool =
         check_scheme(quantization)
         return Variant(layouts=LayoutPlan(quantization, LM_HEAD, has_vnni() if vnni is None else vnni))
     if dtype == "bfloat16" and not tuned:
-        return Variant(layouts=LayoutPlan("column-pairs", "column-pairs"))
+        dot = has_avx512_bf16() if bf16_dot is None else bf16_dot
+        return Variant(layouts=LayoutPlan("column-pairs", "column-pairs", bf16_dot=dot))
     return CPU
 
 

@@ -38,7 +38,8 @@ def compile_model(model_dir, out_dir, options: CompileOptions | None = None, **c
     out_dir = Path(out_dir)
     model_dir, config, dtype, tvm_target = prepare(model_dir, options)
     tuned, tuned_buckets = open_tuning_db(options.tuning_db, tvm_target, dtype) if options.tuning_db else (None, ())
-    variant = variant_for(tvm_target, dtype, tuned is not None, options.quantization, options.vnni)
+    variant = variant_for(tvm_target, dtype, tuned is not None, options.quantization, options.vnni,
+                          options.bf16_dot)
     if options.variant is not None:
         variant = dataclasses.replace(options.variant, layouts=variant.layouts) if options.quantization \
             else options.variant

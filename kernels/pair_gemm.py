@@ -32,11 +32,30 @@ K_BLOCK = 256  # pair rows per k block
 LOW_HALF_SHIFT = 16
 HIGH_HALF_MASK = 0xFFFF0000
 
+# AVX512_BF16's vdpbf16ps: y[c] += x[2r + 1] w[2r + 1, c], then += x[2r] w[2r, c], for 16 (or 8) columns of a
+# pair row in one instruction, which reads the column-pair layout as it is stored. LLVM types its operands
+# <32 x bfloat>, which TVM's bfloat16 legalization never leaves in a kernel, so a small LLVM function takes
+# the 32-bit words and bitcasts them; the kernel imports it (pragma_import_llvm) and LLVM inlines it.
+DOT_FUNCTIONS = {16: "gptj_dpbf16ps_512", 8: "gptj_dpbf16ps_256"}
+DOT_LLVM = "".join(f"""
+define linkonce_odr <{lanes} x float> @{name}(<{lanes} x float> %acc, <{lanes} x i32> %w, <{lanes} x i32> %x)
+    alwaysinline {{
+  %wb = bitcast <{lanes} x i32> %w to <{2 * lanes} x bfloat>
+  %xb = bitcast <{lanes} x i32> %x to <{2 * lanes} x bfloat>
+  %y = call <{lanes} x float> @llvm.x86.avx512bf16.dpbf16ps.{32 * lanes}(
+      <{lanes} x float> %acc, <{2 * lanes} x bfloat> %wb, <{2 * lanes} x bfloat> %xb)
+  ret <{lanes} x float> %y
+}}
+declare <{lanes} x float> @llvm.x86.avx512bf16.dpbf16ps.{32 * lanes}(<{lanes} x float>, <{2 * lanes} x bfloat>,
+                                                                  <{2 * lanes} x bfloat>)
+""" for lanes, name in DOT_FUNCTIONS.items())
+
 
 def pair_matmul(in_features: int, out_features: int, tile: int, x_dtype: str, bias: bool = False,
-                residual: bool = False):
+                residual: bool = False, dot: bool = False):
     """The kernel for one weight in column pairs of `tile` columns: (x, weight[, bias [N] float32[, residual
-    [1, n, N] float32]]) -> y."""
+    [1, n, N] float32]]) -> y. `dot`: on vdpbf16ps (CPUs with AVX512_BF16; bfloat16 x only), else widened
+    to float32 with a shift and a mask and two FMAs."""
     if residual and not bias:
         raise ValueError("a residual comes with a bias (the fused block's W_out)")
     K, N = in_features, out_features
@@ -47,19 +66,22 @@ def pair_matmul(in_features: int, out_features: int, tile: int, x_dtype: str, bi
     k_blocks = pair_rows // k_block
     lanes = min(LANES, tile)
     vec, word_vec = f"float32x{lanes}", f"uint32x{lanes}"
+    if dot and x_dtype != "bfloat16":
+        raise ValueError(f"vdpbf16ps multiplies bfloat16 by bfloat16, not {x_dtype} x")
     ahead = WEIGHT_PREFETCH_BYTES // (tile * 4)  # pair rows
 
     @T.macro
-    def positions(x, words, y, bias, residual, tile_i, kb, t0, count, streams):
+    def positions(x, x_words, words, y, bias, residual, tile_i, kb, t0, count, streams):
         """y[t0 .. t0 + count, the tile's columns] += this k block's share (the first block starts from 0);
         the last block adds the bias and the residual."""
         acc = T.sblock_alloc_buffer((count * tile,), "float32", scope="local")
         if kb == 0:
             for c in T.vectorized(count * tile):
                 acc[c] = T.float32(0)
-        else:
-            for i, c in T.grid(count, tile):
-                acc[i * tile + c] = y[0, t0 + i, tile_i * tile + c]
+        else:  # whole vectors at constant offsets, so that LLVM keeps acc in registers (not on the stack)
+            for i in T.unroll(count):
+                for v in T.unroll(tile // lanes):
+                    acc[T.ramp(i * tile + v * lanes, 1, lanes)] = y.vload([0, t0 + i, tile_i * tile + v * lanes], vec)
         for r in range(k_block):
             for v in T.unroll(tile // lanes):
                 if streams:
@@ -67,45 +89,75 @@ def pair_matmul(in_features: int, out_features: int, tile: int, x_dtype: str, bi
                 for i in T.unroll(count):
                     # no Python names for vector values (TVMScript would give each a buffer): LLVM shares the
                     # load and the widening between the positions
-                    acc[T.ramp(i * tile + v * lanes, 1, lanes)] = acc.vload([i * tile + v * lanes], vec) + (
-                        T.Broadcast(T.Cast("float32", x[0, t0 + i, 2 * (kb * k_block + r)]), lanes)
-                        * T.reinterpret(T.shift_left(words.vload([tile_i, kb * k_block + r, v * lanes], word_vec),
-                                                     T.Broadcast(T.uint32(LOW_HALF_SHIFT), lanes)), dtype=vec))
-                    acc[T.ramp(i * tile + v * lanes, 1, lanes)] = acc.vload([i * tile + v * lanes], vec) + (
-                        T.Broadcast(T.Cast("float32", x[0, t0 + i, 2 * (kb * k_block + r) + 1]), lanes)
-                        * T.reinterpret(T.bitwise_and(words.vload([tile_i, kb * k_block + r, v * lanes], word_vec),
-                                                      T.Broadcast(T.uint32(HIGH_HALF_MASK), lanes)), dtype=vec))
-        if bias is None:  # decided as the kernel is written (a Python condition), like residual's below
-            for i, c in T.grid(count, tile):
-                y[0, t0 + i, tile_i * tile + c] = acc[i * tile + c]
-        elif kb < k_blocks - 1:
-            for i, c in T.grid(count, tile):
-                y[0, t0 + i, tile_i * tile + c] = acc[i * tile + c]
-        elif residual is None:
-            for i, c in T.grid(count, tile):
-                y[0, t0 + i, tile_i * tile + c] = acc[i * tile + c] + bias[tile_i * tile + c]
-        else:  # the order of the graph's own adds: (x W + b) + h
-            for i, c in T.grid(count, tile):
-                y[0, t0 + i, tile_i * tile + c] = (acc[i * tile + c] + bias[tile_i * tile + c]) + residual[
-                    0, t0 + i, tile_i * tile + c]
+                    if dot:
+                        acc[T.ramp(i * tile + v * lanes, 1, lanes)] = T.call_pure_extern(
+                            vec, DOT_FUNCTIONS[lanes], acc.vload([i * tile + v * lanes], vec),
+                            words.vload([tile_i, kb * k_block + r, v * lanes], word_vec),
+                            T.Broadcast(x_words[0, t0 + i, kb * k_block + r], lanes))
+                    else:
+                        acc[T.ramp(i * tile + v * lanes, 1, lanes)] = acc.vload([i * tile + v * lanes], vec) + (
+                            T.Broadcast(T.Cast("float32", x[0, t0 + i, 2 * (kb * k_block + r)]), lanes)
+                            * T.reinterpret(T.shift_left(words.vload([tile_i, kb * k_block + r, v * lanes],
+                                                                     word_vec),
+                                                         T.Broadcast(T.uint32(LOW_HALF_SHIFT), lanes)), dtype=vec))
+                        acc[T.ramp(i * tile + v * lanes, 1, lanes)] = acc.vload([i * tile + v * lanes], vec) + (
+                            T.Broadcast(T.Cast("float32", x[0, t0 + i, 2 * (kb * k_block + r) + 1]), lanes)
+                            * T.reinterpret(T.bitwise_and(words.vload([tile_i, kb * k_block + r, v * lanes],
+                                                                      word_vec),
+                                                          T.Broadcast(T.uint32(HIGH_HALF_MASK), lanes)), dtype=vec))
+        # written back as whole vectors at constant offsets too
+        for i in T.unroll(count):
+            for v in T.unroll(tile // lanes):
+                if bias is None:  # decided as the kernel is written (a Python condition), like residual's below
+                    y[0, t0 + i, T.ramp(tile_i * tile + v * lanes, 1, lanes)] = acc.vload([i * tile + v * lanes], vec)
+                elif kb < k_blocks - 1:
+                    y[0, t0 + i, T.ramp(tile_i * tile + v * lanes, 1, lanes)] = acc.vload([i * tile + v * lanes], vec)
+                elif residual is None:
+                    y[0, t0 + i, T.ramp(tile_i * tile + v * lanes, 1, lanes)] = acc.vload(
+                        [i * tile + v * lanes], vec) + bias.vload([tile_i * tile + v * lanes], vec)
+                else:  # the order of the graph's own adds: (x W + b) + h
+                    y[0, t0 + i, T.ramp(tile_i * tile + v * lanes, 1, lanes)] = (acc.vload(
+                        [i * tile + v * lanes], vec) + bias.vload([tile_i * tile + v * lanes], vec)) + residual.vload(
+                        [0, t0 + i, tile_i * tile + v * lanes], vec)
+
+    @T.macro
+    def rows(name, x, x_words, words, weight, y, bias, residual, tile_i, kb, t0, count, streams):
+        with T.sblock(name):
+            T.reads(x[0, t0:t0 + count, 0:K], weight[tile_i, 0:pair_rows, 0:tile, 0:2],
+                    y[0, t0:t0 + count, tile_i * tile:tile_i * tile + tile])
+            T.writes(y[0, t0:t0 + count, tile_i * tile:tile_i * tile + tile])
+            positions(x, x_words, words, y, bias, residual, tile_i, kb, t0, count, streams)
+
+    @T.macro
+    def all_tiles(x, x_words, words, weight, y, bias, residual, n):
+        # The first position block streams the tile in (it prefetches), the others find it in L2. Whether a
+        # block streams is decided as the kernel is written, so no branch sits in the inner loop (one there kept
+        # the accumulators on the stack).
+        for tile_i in T.parallel(tiles):
+            for kb in range(k_blocks):
+                if n >= ROWS:
+                    rows("pair_matmul_first", x, x_words, words, weight, y, bias, residual, tile_i, kb, 0, ROWS, True)
+                    for tb in range(1, n // ROWS):
+                        rows("pair_matmul", x, x_words, words, weight, y, bias, residual, tile_i, kb, tb * ROWS,
+                             ROWS, False)
+                    for t in range(n % ROWS):
+                        rows("pair_matmul_rest", x, x_words, words, weight, y, bias, residual, tile_i, kb,
+                             n - n % ROWS + t, 1, False)
+                else:
+                    rows("pair_matmul_one", x, x_words, words, weight, y, bias, residual, tile_i, kb, 0, 1, True)
+                    for t in range(1, n):
+                        rows("pair_matmul_few", x, x_words, words, weight, y, bias, residual, tile_i, kb, t, 1,
+                             False)
 
     @T.macro
     def gemm(x, weight, y, bias, residual, n):
         words = T.decl_buffer((tiles, pair_rows, tile), "uint32", data=weight.data)
-        for tile_i in T.parallel(tiles):
-            for kb in range(k_blocks):
-                for tb in range(n // ROWS):
-                    with T.sblock("pair_matmul"):
-                        T.reads(x[0, tb * ROWS:tb * ROWS + ROWS, 0:K], weight[tile_i, 0:pair_rows, 0:tile, 0:2],
-                                y[0, tb * ROWS:tb * ROWS + ROWS, tile_i * tile:tile_i * tile + tile])
-                        T.writes(y[0, tb * ROWS:tb * ROWS + ROWS, tile_i * tile:tile_i * tile + tile])
-                        positions(x, words, y, bias, residual, tile_i, kb, tb * ROWS, ROWS, tb == 0)
-                for t in range(n % ROWS):
-                    with T.sblock("pair_matmul_rest"):
-                        T.reads(x[0, n - n % ROWS + t, 0:K], weight[tile_i, 0:pair_rows, 0:tile, 0:2],
-                                y[0, n - n % ROWS + t, tile_i * tile:tile_i * tile + tile])
-                        T.writes(y[0, n - n % ROWS + t, tile_i * tile:tile_i * tile + tile])
-                        positions(x, words, y, bias, residual, tile_i, kb, n - n % ROWS + t, 1, n < ROWS and t == 0)
+        if dot:  # x's bfloat16 pairs as 32-bit words, and the LLVM function the dot products call
+            x_words = T.decl_buffer((1, n, pair_rows), "uint32", data=x.data)
+            with T.attr(0, "pragma_import_llvm", DOT_LLVM):
+                all_tiles(x, x_words, words, weight, y, bias, residual, n)
+        else:
+            all_tiles(x, None, words, weight, y, bias, residual, n)
 
     # one entry per signature (TVMScript has no optional parameters); the body is gemm's
     if residual:

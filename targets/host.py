@@ -60,3 +60,8 @@ def has_vnni() -> bool:
     """AVX-512 VNNI (vpdpbusd on 512-bit registers): the quantized GEMMs' integer dot products."""
     return {"avx512f", "avx512_vnni"} <= cpu_flags()
 
+
+def has_avx512_bf16() -> bool:
+    """AVX512_BF16 (vdpbf16ps on 512-bit registers): the bfloat16 pair GEMMs' dot products."""
+    return {"avx512f", "avx512_bf16"} <= cpu_flags()
+

@@ -33,15 +33,17 @@ def get_layout(name: str) -> LinearLayout:
 @dataclass(frozen=True)
 class LayoutPlan:
     """Which layout each linear of a model takes: the blocks' and lm_head's (with a layout's own fallback for a
-    weight it cannot hold), and whether quantized GEMMs run on VNNI integer dot products."""
+    weight it cannot hold), and which dot-product instructions the GEMMs may use: VNNI's vpdpbusd for q8/q4,
+    AVX512_BF16's vdpbf16ps for column pairs."""
     blocks: str = COLUMN_TILES.name
     lm_head: str = COLUMN_TILES.name
     vnni: bool = False
+    bf16_dot: bool = False
 
     def layout_for(self, name: str, in_features: int, out_features: int) -> LinearLayout:
         """The layout of the linear `name` (a parameter path such as h.0.w_in or lm_head)."""
         chosen = get_layout(self.lm_head if name.split(".")[0] == "lm_head" else self.blocks)
-        return chosen.for_shape(in_features, out_features, vnni=self.vnni)
+        return chosen.for_shape(in_features, out_features, self)
 
     @property
     def quantization(self) -> str | None:
@@ -49,11 +51,12 @@ class LayoutPlan:
         return self.blocks if get_layout(self.blocks).quantized else None
 
     def to_dict(self) -> dict:
-        return {"blocks": self.blocks, "lm_head": self.lm_head, "vnni": self.vnni}
+        return {"blocks": self.blocks, "lm_head": self.lm_head, "vnni": self.vnni, "bf16_dot": self.bf16_dot}
 
     @classmethod
     def from_dict(cls, raw: dict) -> "LayoutPlan":
-        plan = cls(str(raw["blocks"]), str(raw["lm_head"]), bool(raw.get("vnni", False)))
+        plan = cls(str(raw["blocks"]), str(raw["lm_head"]), bool(raw.get("vnni", False)),
+                   bool(raw.get("bf16_dot", False)))
         get_layout(plan.blocks), get_layout(plan.lm_head)
         return plan
 

@@ -15,8 +15,9 @@ class LinearLayout:
     hf_rows = False
     quantized = False  # converted from the checkpoint's own values, not from ones rounded to the model dtype
 
-    def for_shape(self, in_features: int, out_features: int, vnni: bool = False) -> "LinearLayout":
-        """The layout a [in, out] weight takes when this one is asked for (a fallback where it does not fit)."""
+    def for_shape(self, in_features: int, out_features: int, plan) -> "LinearLayout":
+        """The layout a [in, out] weight takes when this one is asked for by `plan` (a LayoutPlan): a fallback
+        where it does not fit, the plan's choice of instructions where the layout has one."""
         return self
 
     def parameters(self, in_features: int, out_features: int, dtype: str) -> dict[str, tuple[tuple[int, ...], str]]:

@@ -1,10 +1,13 @@
 """Column pairs: W [in, out] stored [out / tile, in / 2, tile, 2], input features 2r and 2r + 1 of a column in
 one 32-bit word, which a shift and a mask widen to two float32 (bfloat16 CPU artifacts; the kernel is
 kernels/pair_gemm.py, which adds the bias and the residual as it writes y). Tiles are narrower than column
-tiles': a tile's accumulators for 4 prompt positions must fit in registers. A weight that does not pair (odd
+tiles': a tile's accumulators for 4 prompt positions must fit in registers. On CPUs with AVX512_BF16 the
+kernel multiplies on vdpbf16ps, which takes a 64-byte row of the layout as it is. A weight that does not pair (odd
 in_features, or no PAIR_TILES width divides out_features) stays in column tiles."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 
@@ -28,12 +31,20 @@ def paired(weight: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(as_bits(weight).reshape(k // 2, 2, n // t, t).transpose(2, 0, 3, 1)).view(weight.dtype)
 
 
+@dataclasses.dataclass(frozen=True)
 class ColumnPairs(LinearLayout):
+    dot: bool = False  # the GEMM on vdpbf16ps (AVX512_BF16), else widened to float32 by a shift and a mask
     name = "column-pairs"
-    label = "column pairs (hand-written bfloat16 GEMM)"
 
-    def for_shape(self, in_features, out_features, vnni=False):
-        return self if pair_tile(in_features, out_features) is not None else COLUMN_TILES
+    @property
+    def label(self) -> str:
+        return "column pairs (hand-written bfloat16 GEMM, " + (
+            "vdpbf16ps dot products)" if self.dot else "widened to float32)")
+
+    def for_shape(self, in_features, out_features, plan):
+        if pair_tile(in_features, out_features) is None:
+            return COLUMN_TILES
+        return dataclasses.replace(self, dot=plan.bf16_dot)
 
     def parameters(self, in_features, out_features, dtype):
         tile = pair_tile(in_features, out_features)
@@ -50,7 +61,8 @@ class ColumnPairs(LinearLayout):
 
         extra = [t for t in (bias, residual) if t is not None]
         kernel = pair_matmul(in_features, out_features, pair_tile(in_features, out_features), str(x.dtype),
-                             bias=bias is not None, residual=residual is not None)
+                             bias=bias is not None, residual=residual is not None,
+                             dot=self.dot and str(x.dtype) == "bfloat16")
         return op.tensor_ir_op(kernel, "pair_matmul", [x, params["weight"], *extra],
                                nn.Tensor.placeholder([1, x.shape[1], out_features], "float32"))
 

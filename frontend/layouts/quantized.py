@@ -117,9 +117,9 @@ class Quantized(LinearLayout):
         gemm = "VNNI integer dot products" if self.vnni else "levels widened to float32"
         return f"{self.scheme}: {8 if self.scheme == 'q8' else 4}-bit levels, groups of {GROUP} ({gemm})"
 
-    def for_shape(self, in_features, out_features, vnni=False):
+    def for_shape(self, in_features, out_features, plan):
         check_shape(in_features, out_features)
-        return dataclasses.replace(self, vnni=vnni)
+        return dataclasses.replace(self, vnni=plan.vnni)
 
     def parameters(self, in_features, out_features, dtype):
         tiles = out_features // TILE

@@ -27,7 +27,7 @@ from tvm.script import tirx as T
 from .common import HAND_SCHEDULED, WEIGHT_PREFETCH_BYTES, WEIGHT_PREFETCH_LOCALITY, prefetch
 
 LANES = 16  # float32 lanes of a 512-bit register
-ROWS = 4  # prompt positions per block
+ROWS = 4  # prompt positions per block (the kernel writes out its blocks of 1 to 3 for the rest)
 K_BLOCK = 256  # pair rows per k block
 LOW_HALF_SHIFT = 16
 HIGH_HALF_MASK = 0xFFFF0000
@@ -140,14 +140,22 @@ def pair_matmul(in_features: int, out_features: int, tile: int, x_dtype: str, bi
                     for tb in range(1, n // ROWS):
                         rows("pair_matmul", x, x_words, words, weight, y, bias, residual, tile_i, kb, tb * ROWS,
                              ROWS, False)
-                    for t in range(n % ROWS):
-                        rows("pair_matmul_rest", x, x_words, words, weight, y, bias, residual, tile_i, kb,
-                             n - n % ROWS + t, 1, False)
+                    # the rest as one block of its size (ROWS is 4)
+                    if n % ROWS == 3:
+                        rows("pair_matmul_rest3", x, x_words, words, weight, y, bias, residual, tile_i, kb, n - 3,
+                             3, False)
+                    elif n % ROWS == 2:
+                        rows("pair_matmul_rest2", x, x_words, words, weight, y, bias, residual, tile_i, kb, n - 2,
+                             2, False)
+                    elif n % ROWS == 1:
+                        rows("pair_matmul_rest1", x, x_words, words, weight, y, bias, residual, tile_i, kb, n - 1,
+                             1, False)
+                elif n == 3:
+                    rows("pair_matmul_three", x, x_words, words, weight, y, bias, residual, tile_i, kb, 0, 3, True)
+                elif n == 2:
+                    rows("pair_matmul_two", x, x_words, words, weight, y, bias, residual, tile_i, kb, 0, 2, True)
                 else:
                     rows("pair_matmul_one", x, x_words, words, weight, y, bias, residual, tile_i, kb, 0, 1, True)
-                    for t in range(1, n):
-                        rows("pair_matmul_few", x, x_words, words, weight, y, bias, residual, tile_i, kb, t, 1,
-                             False)
 
     @T.macro
     def gemm(x, weight, y, bias, residual, n):

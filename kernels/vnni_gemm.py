@@ -27,6 +27,7 @@ from .common import HAND_SCHEDULED, WEIGHT_PREFETCH_BYTES, WEIGHT_PREFETCH_LOCAL
 
 LANES = 16  # 32-bit lanes of a 512-bit register: 16 columns x 4 input features = 64 weight bytes
 ROWS = 3  # rows (prompt positions) per weight load: 3 x (4 dot + 4 acc) of the 32 AVX-512 registers
+assert ROWS == 3, "the kernel writes its remainder blocks (1 and 2 rows) out"
 VPDPBUSD = "llvm.x86.avx512.vpdpbusd.512"
 
 
@@ -111,12 +112,14 @@ def vnni_matmul(in_features: int, out_features: int, scheme: str, group: int, ti
                 rows_of("vnni_matmul_first", xq, xs, xsum, weight, w_scale, y, tile, 0, ROWS, True)
                 for b in range(1, n // ROWS):
                     rows_of("vnni_matmul", xq, xs, xsum, weight, w_scale, y, tile, b * ROWS, ROWS, False)
-                for t in range(n % ROWS):
-                    rows_of("vnni_matmul_rest", xq, xs, xsum, weight, w_scale, y, tile, n - n % ROWS + t, 1, False)
+                if n % ROWS == 2:  # the rest as one block too (ROWS is 3)
+                    rows_of("vnni_matmul_rest2", xq, xs, xsum, weight, w_scale, y, tile, n - 2, 2, False)
+                elif n % ROWS == 1:
+                    rows_of("vnni_matmul_rest1", xq, xs, xsum, weight, w_scale, y, tile, n - 1, 1, False)
+            elif n == 2:
+                rows_of("vnni_matmul_two", xq, xs, xsum, weight, w_scale, y, tile, 0, 2, True)
             else:
                 rows_of("vnni_matmul_one", xq, xs, xsum, weight, w_scale, y, tile, 0, 1, True)
-                for t in range(1, n):
-                    rows_of("vnni_matmul_few", xq, xs, xsum, weight, w_scale, y, tile, t, 1, False)
 
     return kernel
 

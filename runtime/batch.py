@@ -30,7 +30,7 @@ from gptj_tvm.core.errors import GptjError
 from .generation import Generation, check_sampling
 from .sampling import next_token
 
-DEFAULT_PREFILL_CHUNK = 128  # prompt tokens per step beside the decode rows
+DEFAULT_PREFILL_CHUNK = 32  # prompt tokens per step beside the decode rows: at most a few decode steps long
 
 
 class QueueFull(GptjError):

@@ -154,7 +154,7 @@ def pair_matmul(in_features: int, out_features: int, tile: int, x_dtype: str, bi
                     rows("pair_matmul_three", x, x_words, words, weight, y, bias, residual, tile_i, kb, 0, 3, True)
                 elif n == 2:
                     rows("pair_matmul_two", x, x_words, words, weight, y, bias, residual, tile_i, kb, 0, 2, True)
-                else:
+                elif n == 1:  # and no rows at all (a serving step whose rows all belong to unfinished prompts)
                     rows("pair_matmul_one", x, x_words, words, weight, y, bias, residual, tile_i, kb, 0, 1, True)
 
     @T.macro

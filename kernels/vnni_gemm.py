@@ -118,7 +118,7 @@ def vnni_matmul(in_features: int, out_features: int, scheme: str, group: int, ti
                     rows_of("vnni_matmul_rest1", xq, xs, xsum, weight, w_scale, y, tile, n - 1, 1, False)
             elif n == 2:
                 rows_of("vnni_matmul_two", xq, xs, xsum, weight, w_scale, y, tile, 0, 2, True)
-            else:
+            elif n == 1:  # and no rows at all (a serving step whose rows all belong to unfinished prompts)
                 rows_of("vnni_matmul_one", xq, xs, xsum, weight, w_scale, y, tile, 0, 1, True)
 
     return kernel

@@ -296,13 +296,14 @@ def _itemsize(dtype: str) -> str:
 
 
 def generate_batch(gen, prompts, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
-                   top_p: float = 1.0, seed: int | None = None, stop=(), max_batch: int = 8) -> list:
+                   top_p: float = 1.0, seed: int | None = None, stop=(), max_batch: int = 8,
+                   prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> list:
     """Generator.generate for many prompts at once, batched on this thread (the habit of vLLM's
     `LLM.generate`): a list of Generations in the order of the prompts, each what `generate` gives that
     prompt alone with the same arguments."""
     check_sampling(max_new_tokens, temperature, top_k, top_p, seed)
     stop = [s for s in stop if s]
-    engine = BatchEngine(gen, max_batch=max_batch, max_queue=len(prompts))
+    engine = BatchEngine(gen, max_batch=max_batch, max_queue=len(prompts), prefill_chunk=prefill_chunk)
     params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                             seed=seed)
     results, errors = [], []

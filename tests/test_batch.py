@@ -138,3 +138,24 @@ def test_logprobs_are_the_models_log_softmax(generator):
     assert token.token == int(np.argmax(logits))
     assert abs(token.logprob - expected[token.token]) < 1e-5
     assert [i for i, _ in token.top_logprobs] == list(np.argsort(-expected)[:3])
+
+
+@pytest.fixture(scope="module")
+def q4_generator(checkpoint, tmp_path_factory):
+    import gptj_tvm
+    from gptj_tvm.compiler.compile import compile_model
+
+    folder = tmp_path_factory.mktemp("batch") / "tiny-q4"
+    compile_model(checkpoint("tiny"), folder, quantization="q4", progress=False)
+    return gptj_tvm.load(folder)
+
+
+@pytest.mark.parametrize("name", ["bfloat16", "q4"])
+def test_steps_whose_rows_are_all_unfinished_prompts(name, generator, q4_generator):
+    """Prompts in chunks of 8: the first steps hold no finished prompt, so lm_head runs on zero rows (the pair and
+    VNNI kernels must then write nothing); every request still equals its solo run."""
+    gen = q4_generator if name == "q4" else generator(name)
+    prompts = random_prompts(gen, (30, 17, 3), seed=6)
+    batched = gen.generate_batch(prompts, max_new_tokens=5, max_batch=2, prefill_chunk=8)
+    for prompt, result in zip(prompts, batched):
+        assert result.ids == gen.generate(prompt, max_new_tokens=5).ids

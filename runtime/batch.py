@@ -93,7 +93,7 @@ class BatchEngine:
                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK):
         if "step" not in generator.meta.functions:
             raise GptjError(f"{generator.folder}: has no batched step function (compile it again with this "
-                            "version of gptj-tvm; CPU artifacts only for now)")
+                            "version of gptj-tvm; CPU and CUDA artifacts have one)")
         if max_batch < 1 or max_queue < 0 or prefill_chunk < 1:
             raise GptjError("max_batch and prefill_chunk must be at least 1, max_queue at least 0")
         self.gen = generator

@@ -125,7 +125,7 @@ class ServedModel:
         self.meta = ArtifactMetadata.read(self.folder)  # a bad artifact fails here, before serving
         if "step" not in self.meta.functions:
             raise GptjError(f"{self.folder}: has no batched step function (compile it again with this version of "
-                            "gptj-tvm; CPU artifacts only for now)")
+                            "gptj-tvm; CPU and CUDA artifacts have one)")
         self.slot_len = slot_positions(self.meta, max_batch, kv_cache_gb)
         self.max_batch, self.max_queue, self.api_key = max_batch, max_queue, api_key
         self.model = model_name or self.folder.resolve().name

@@ -31,10 +31,14 @@ assert ROWS == 3, "the kernel writes its remainder blocks (1 and 2 rows) out"
 VPDPBUSD = "llvm.x86.avx512.vpdpbusd.512"
 
 
-def vnni_matmul(in_features: int, out_features: int, scheme: str, group: int, tile: int, offset: int):
+def vnni_matmul(in_features: int, out_features: int, scheme: str, group: int, tile: int, offset: int,
+                bias: bool = False, residual: bool = False):
     """(x_q [1, n, K] int8, x_scale [1, n, K / GROUP] f32, x_sum [1, n, K / GROUP] i32, weight, w_scale
-    [N / TILE, K / GROUP, TILE] f16) -> y [1, n, N] float32, for levels stored as frontend/layouts/quantized.py
-    says: `scheme` q8 or q4, groups of `group` input features, column tiles of `tile`, levels + `offset`."""
+    [N / TILE, K / GROUP, TILE] f16[, bias [N] float32[, residual [1, n, N] float32]]) -> y [1, n, N] float32,
+    for levels stored as frontend/layouts/quantized.py says: `scheme` q8 or q4, groups of `group` input features,
+    column tiles of `tile`, levels + `offset`; (y + bias) + residual as y is written, where asked for."""
+    if residual and not bias:
+        raise ValueError("a residual comes with a bias (the fused block's W_out)")
     GROUP, TILE = group, tile  # the kernel's constants, named as in its math
     K, N, G = in_features, out_features, in_features // GROUP
     tiles, groups_per_k = N // TILE, GROUP
@@ -45,7 +49,7 @@ def vnni_matmul(in_features: int, out_features: int, scheme: str, group: int, ti
     ahead = WEIGHT_PREFETCH_BYTES // (TILE * 4)  # rows of the stored levels
 
     @T.macro
-    def positions(xq, xs, xsum, weight, w_scale, y, tile, t0, count, streams):
+    def positions(xq, xs, xsum, weight, w_scale, y, bias, residual, tile, t0, count, streams):
         """y[t0 .. t0 + count, the tile's columns]: each weight load (and q4's unpacking) serves `count` rows.
         Whole vectors at constant offsets, so that LLVM keeps acc and dot in registers."""
         acc = T.sblock_alloc_buffer((count * TILE,), "float32", scope="local")
@@ -85,15 +89,76 @@ def vnni_matmul(in_features: int, out_features: int, scheme: str, group: int, ti
                         T.Cast("float32", w_scale[tile, g, c]) * xs[0, t0 + i, g])
         for i in T.unroll(count):
             for c in T.vectorized(TILE):
-                y[0, t0 + i, tile * TILE + c] = acc[i * TILE + c]
+                if bias is None:  # decided as the kernel is written (a Python condition)
+                    y[0, t0 + i, tile * TILE + c] = acc[i * TILE + c]
+                elif residual is None:
+                    y[0, t0 + i, tile * TILE + c] = acc[i * TILE + c] + bias[tile * TILE + c]
+                else:  # the order of the graph's own adds: (x W + b) + h
+                    y[0, t0 + i, tile * TILE + c] = (acc[i * TILE + c] + bias[tile * TILE + c]) + residual[
+                        0, t0 + i, tile * TILE + c]
 
     @T.macro
-    def rows_of(name, xq, xs, xsum, weight, w_scale, y, tile, t0, count, streams):
+    def rows_of(name, xq, xs, xsum, weight, w_scale, y, bias, residual, tile, t0, count, streams):
         with T.sblock(name):
             T.reads(xq[0, t0:t0 + count, 0:K], xs[0, t0:t0 + count, 0:G], xsum[0, t0:t0 + count, 0:G],
                     weight[tile, 0:rows, 0:TILE, 0:4], w_scale[tile, 0:G, 0:TILE])
             T.writes(y[0, t0:t0 + count, tile * TILE:tile * TILE + TILE])
-            positions(xq, xs, xsum, weight, w_scale, y, tile, t0, count, streams)
+            positions(xq, xs, xsum, weight, w_scale, y, bias, residual, tile, t0, count, streams)
+
+    @T.macro
+    def gemm(xq, xs, xsum, weight, w_scale, y, bias, residual, n):
+        # rows in blocks of ROWS, the first block streaming the tile in; whether a block prefetches is decided
+        # as the kernel is written, so no branch sits in the inner loop
+        for tile in T.parallel(tiles):
+            if n >= ROWS:
+                rows_of("vnni_matmul_first", xq, xs, xsum, weight, w_scale, y, bias, residual, tile, 0, ROWS,
+                        True)
+                for b in range(1, n // ROWS):
+                    rows_of("vnni_matmul", xq, xs, xsum, weight, w_scale, y, bias, residual, tile, b * ROWS, ROWS,
+                            False)
+                if n % ROWS == 2:  # the rest as one block too (ROWS is 3)
+                    rows_of("vnni_matmul_rest2", xq, xs, xsum, weight, w_scale, y, bias, residual, tile, n - 2, 2,
+                            False)
+                elif n % ROWS == 1:
+                    rows_of("vnni_matmul_rest1", xq, xs, xsum, weight, w_scale, y, bias, residual, tile, n - 1, 1,
+                            False)
+            elif n == 2:
+                rows_of("vnni_matmul_two", xq, xs, xsum, weight, w_scale, y, bias, residual, tile, 0, 2, True)
+            elif n == 1:  # and no rows at all (a serving step whose rows all belong to unfinished prompts)
+                rows_of("vnni_matmul_one", xq, xs, xsum, weight, w_scale, y, bias, residual, tile, 0, 1, True)
+
+    # one entry per signature (TVMScript has no optional parameters); the body is gemm's
+    if residual:
+        @T.prim_func(private=True, s_tir=True)
+        def with_residual(var_xq: T.handle, var_xs: T.handle, var_xsum: T.handle,
+                          weight: T.Buffer((tiles, rows, TILE, 4), "uint8"),
+                          w_scale: T.Buffer((tiles, G, TILE), "float16"), bias: T.Buffer((N,), "float32"),
+                          var_residual: T.handle, var_y: T.handle):
+            T.func_attr(HAND_SCHEDULED)
+            n = T.int64()
+            xq = T.match_buffer(var_xq, (1, n, K), "int8")
+            xs = T.match_buffer(var_xs, (1, n, G), "float32")
+            xsum = T.match_buffer(var_xsum, (1, n, G), "int32")
+            residual_ = T.match_buffer(var_residual, (1, n, N), "float32")
+            y = T.match_buffer(var_y, (1, n, N), "float32")
+            gemm(xq, xs, xsum, weight, w_scale, y, bias, residual_, n)
+
+        return with_residual
+    if bias:
+        @T.prim_func(private=True, s_tir=True)
+        def with_bias(var_xq: T.handle, var_xs: T.handle, var_xsum: T.handle,
+                      weight: T.Buffer((tiles, rows, TILE, 4), "uint8"),
+                      w_scale: T.Buffer((tiles, G, TILE), "float16"), bias: T.Buffer((N,), "float32"),
+                      var_y: T.handle):
+            T.func_attr(HAND_SCHEDULED)
+            n = T.int64()
+            xq = T.match_buffer(var_xq, (1, n, K), "int8")
+            xs = T.match_buffer(var_xs, (1, n, G), "float32")
+            xsum = T.match_buffer(var_xsum, (1, n, G), "int32")
+            y = T.match_buffer(var_y, (1, n, N), "float32")
+            gemm(xq, xs, xsum, weight, w_scale, y, bias, None, n)
+
+        return with_bias
 
     @T.prim_func(private=True, s_tir=True)
     def kernel(var_xq: T.handle, var_xs: T.handle, var_xsum: T.handle,
@@ -105,21 +170,7 @@ def vnni_matmul(in_features: int, out_features: int, scheme: str, group: int, ti
         xs = T.match_buffer(var_xs, (1, n, G), "float32")
         xsum = T.match_buffer(var_xsum, (1, n, G), "int32")
         y = T.match_buffer(var_y, (1, n, N), "float32")
-        # rows in blocks of ROWS, the first block streaming the tile in; whether a block prefetches is decided
-        # as the kernel is written, so no branch sits in the inner loop
-        for tile in T.parallel(tiles):
-            if n >= ROWS:
-                rows_of("vnni_matmul_first", xq, xs, xsum, weight, w_scale, y, tile, 0, ROWS, True)
-                for b in range(1, n // ROWS):
-                    rows_of("vnni_matmul", xq, xs, xsum, weight, w_scale, y, tile, b * ROWS, ROWS, False)
-                if n % ROWS == 2:  # the rest as one block too (ROWS is 3)
-                    rows_of("vnni_matmul_rest2", xq, xs, xsum, weight, w_scale, y, tile, n - 2, 2, False)
-                elif n % ROWS == 1:
-                    rows_of("vnni_matmul_rest1", xq, xs, xsum, weight, w_scale, y, tile, n - 1, 1, False)
-            elif n == 2:
-                rows_of("vnni_matmul_two", xq, xs, xsum, weight, w_scale, y, tile, 0, 2, True)
-            elif n == 1:  # and no rows at all (a serving step whose rows all belong to unfinished prompts)
-                rows_of("vnni_matmul_one", xq, xs, xsum, weight, w_scale, y, tile, 0, 1, True)
+        gemm(xq, xs, xsum, weight, w_scale, y, None, None, n)
 
     return kernel
 

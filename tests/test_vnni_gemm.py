@@ -22,10 +22,12 @@ def build(func):
 # rows: blocks of 3 sharing each weight load, the rest one at a time, fewer rows than a block (1, 2) and a
 # prompt's worth (128). Quantized weights hold whole groups and tiles (check_shape refuses others), so k and n
 # are multiples of 32 and 64 here.
+# The bias (W_in, lm_head) and the bias and residual (the fused block's W_out) are added as y is written.
 @pytest.mark.skipif(not has_vnni(), reason="this CPU has no AVX-512 VNNI")
-@pytest.mark.parametrize("rows", [1, 2, 3, 8, 13, 128])
+@pytest.mark.parametrize("rows,epilogue", [(1, ()), (2, ()), (3, ()), (8, ()), (13, ()), (128, ()), (1, ("bias",)),
+                                           (13, ("bias",)), (2, ("bias", "residual")), (8, ("bias", "residual"))])
 @pytest.mark.parametrize("scheme", ["q8", "q4"])
-def test_vnni_kernel_is_exact(scheme, rows):
+def test_vnni_kernel_is_exact(scheme, rows, epilogue):
     """The VNNI GEMM against numpy: each group's integer dot product x_q . q (exact, in int64), then in group
     order acc += dot * (w_scale * x_scale) in float32, the product of the scales rounded and the rest one fused
     multiply-add (LLVM contracts it; float64 holds the exact product and sum before the one rounding): the same
@@ -43,9 +45,14 @@ def test_vnni_kernel_is_exact(scheme, rows):
     for g in range(k // GROUP):
         scale = w_scale[g].astype(np.float32)[None] * x_scale[0][:, g:g + 1]  # float32, rounded
         expected = (expected.astype(np.float64) + dots[:, g].astype(np.float64) * scale).astype(np.float32)
-    lib = build(vnni_matmul(k, n, scheme, GROUP, quantization.TILE, quantization.OFFSET[scheme]))
+    extra = [rng.standard_normal({"bias": (n,), "residual": (1, rows, n)}[name], dtype=np.float32)
+             for name in epilogue]
+    for term in extra:  # the graph's order: (x W + b) + h
+        expected = expected + term.reshape(-1, n)
+    lib = build(vnni_matmul(k, n, scheme, GROUP, quantization.TILE, quantization.OFFSET[scheme],
+                            bias="bias" in epilogue, residual="residual" in epilogue))
     args = [tvm.runtime.tensor(a) for a in (x_q, x_scale, x_sum, quantization.pack(levels, scheme),
-                                            quantization.tiled(w_scale))]
+                                            quantization.tiled(w_scale), *extra)]
     out = tvm.runtime.empty((1, rows, n), "float32")
     lib["main"](*args, out)
     np.testing.assert_array_equal(out.numpy()[0], expected)

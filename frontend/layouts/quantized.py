@@ -131,16 +131,25 @@ class Quantized(LinearLayout):
         return {"weight": pack(levels, self.scheme), "scale": tiled(scales)}
 
     def matmul(self, x, params, in_features, out_features):
+        if not self.vnni:
+            return quantized_matmul(x, params["weight"], params["scale"], self.scheme)
+        return self.forward(x, params, in_features, out_features)
+
+    def forward(self, x, params, in_features, out_features, bias=None, residual=None):
+        if not self.vnni:
+            return super().forward(x, params, in_features, out_features, bias, residual)
         from tvm.relax.frontend import nn
         from tvm.relax.frontend.nn import op
 
-        if not self.vnni:
-            return quantized_matmul(x, params["weight"], params["scale"], self.scheme)
         from gptj_tvm.kernels.vnni_gemm import vnni_matmul
 
+        # the VNNI kernel adds the bias and the residual as it writes y (as the pair kernel does)
         x_q, x_scale, x_sum = quantize_activations(x)
-        kernel = vnni_matmul(in_features, out_features, self.scheme, GROUP, TILE, OFFSET[self.scheme])
-        return op.tensor_ir_op(kernel, "vnni_matmul", [x_q, x_scale, x_sum, params["weight"], params["scale"]],
+        extra = [t for t in (bias, residual) if t is not None]
+        kernel = vnni_matmul(in_features, out_features, self.scheme, GROUP, TILE, OFFSET[self.scheme],
+                             bias=bias is not None, residual=residual is not None)
+        return op.tensor_ir_op(kernel, "vnni_matmul",
+                               [x_q, x_scale, x_sum, params["weight"], params["scale"], *extra],
                                nn.Tensor.placeholder([1, x.shape[1], out_features], "float32"))
 
 

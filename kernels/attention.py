@@ -18,9 +18,9 @@ from gptj_tvm.core.constants import GELU_NEW_COEFF, GELU_NEW_SCALE
 from . import fast_math
 from .common import HAND_SCHEDULED, prefetch
 
-# rotary_append splits each token's heads and FFN columns this many ways: a decode step has one token, and its
-# gelu_new over d_ff columns (a libm expf per column: LLVM does not vectorize it) took 0.16-0.25 ms on one
-# thread, 5-7 ms of a GPT-J-6B token
+# rotary_append splits each token's heads and FFN columns this many ways, so that a decode step's one token
+# keeps every thread busy (gelu_new over d_ff columns took 5-7 ms of a GPT-J-6B token on one thread when it
+# called libm per column)
 PARTS = 8
 GELU_LANES = 16  # float32 lanes of an AVX-512 register
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 import pytest
 import tvm
 
 from gptj_tvm.frontend.layouts import quantized as quantization
-from gptj_tvm.kernels.vnni_gemm import vnni_matmul
+from gptj_tvm.kernels.vnni_gemm import quantize_activations, vnni_matmul
 from gptj_tvm.targets.host import has_vnni
 from gptj_tvm.targets.llvm import host_target
 
@@ -56,3 +57,28 @@ def test_vnni_kernel_is_exact(scheme, rows, epilogue):
     out = tvm.runtime.empty((1, rows, n), "float32")
     lib["main"](*args, out)
     np.testing.assert_array_equal(out.numpy()[0], expected)
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+@pytest.mark.parametrize("x_dtype", ["float32", "bfloat16"])
+def test_activation_quantizer_matches_its_definition(x_dtype, rows):
+    """vnni_matmul's input against numpy: per group of 32, scale = max |x| / 127 in float32 (1 for an all-zero
+    group), x_q = round half even(x / scale), x_sum = sum of x_q. One group is all zeros, one holds exact
+    halves after division (ties go to even)."""
+    k = 256
+    rng = np.random.default_rng(rows)
+    x = rng.standard_normal((1, rows, k), dtype=np.float32) * rng.uniform(0.01, 100, (1, rows, 1)).astype(np.float32)
+    x[0, 0, 32:64] = 0
+    x[0, 0, 64:96] = np.float32(127) * np.array([0.5, 1.5, 2.5, -0.5, -2.5] + [1.0] * 27, np.float32)
+    x = x.astype(ml_dtypes.bfloat16) if x_dtype == "bfloat16" else x
+    x32 = x.astype(np.float32).reshape(1, rows, k // GROUP, GROUP)
+    largest = np.abs(x32).max(-1)
+    scale = np.where(largest > 0, largest / np.float32(127), np.float32(1)).astype(np.float32)
+    x_q = np.rint(x32 / scale[..., None]).astype(np.int8)
+    lib = build(quantize_activations(k, GROUP, x_dtype))
+    outs = [tvm.runtime.empty((1, rows, k), "int8"), tvm.runtime.empty((1, rows, k // GROUP), "float32"),
+            tvm.runtime.empty((1, rows, k // GROUP), "int32")]
+    lib["main"](tvm.runtime.tensor(x), *outs)
+    np.testing.assert_array_equal(outs[1].numpy(), scale)
+    np.testing.assert_array_equal(outs[0].numpy(), x_q.reshape(1, rows, k))
+    np.testing.assert_array_equal(outs[2].numpy(), x_q.astype(np.int32).sum(-1))

@@ -158,27 +158,19 @@ Q8, Q4 = Quantized("q8"), Quantized("q4")
 
 def quantize_activations(x):
     """x [1, n, K] -> (x_q int8, x_scale float32 [1, n, K / GROUP], x_sum int32 [1, n, K / GROUP]): per group of
-    GROUP features, x_scale = max |x| / 127 (1 for an all-zero group), x_q = round half even(x / x_scale)."""
-    from tvm import te, tirx
+    GROUP features, x_scale = max |x| / 127 (1 for an all-zero group), x_q = round half even(x / x_scale)
+    (kernels/vnni_gemm.quantize_activations)."""
+    from tvm.relax.frontend import nn
     from tvm.relax.frontend.nn import op
 
-    f32 = "float32"
+    from gptj_tvm.kernels import vnni_gemm
 
-    def compute(x: te.Tensor):
-        b, n, k = x.shape
-        ki = te.reduce_axis((0, GROUP), name="ki")
-        amax = te.compute((b, n, k // GROUP),
-                          lambda i, t, g: te.max(te.abs(x[i, t, g * GROUP + ki].astype(f32)), axis=ki), name="amax")
-        scale = te.compute(amax.shape, lambda i, t, g: tirx.Select(
-            amax[i, t, g] > 0, amax[i, t, g] / tirx.const(127.0, f32), tirx.const(1.0, f32)), name="x_scale")
-        x_q = te.compute(x.shape, lambda i, t, j: tirx.nearbyint(
-            x[i, t, j].astype(f32) / scale[i, t, j // GROUP]).astype("int8"), name="x_q")
-        kj = te.reduce_axis((0, GROUP), name="kj")
-        x_sum = te.compute(amax.shape, lambda i, t, g: te.sum(x_q[i, t, g * GROUP + kj].astype("int32"), axis=kj),
-                           name="x_sum")
-        return [x_q, scale, x_sum]
-
-    return op.tensor_expr_op(compute, "quantize_activations", [x])
+    n, k = x.shape[1], int(x.shape[2])
+    kernel = vnni_gemm.quantize_activations(k, GROUP, str(x.dtype))
+    return op.tensor_ir_op(kernel, "quantize_activations", [x],
+                           [nn.Tensor.placeholder([1, n, k], "int8"),
+                            nn.Tensor.placeholder([1, n, k // GROUP], "float32"),
+                            nn.Tensor.placeholder([1, n, k // GROUP], "int32")])
 
 
 def quantized_matmul(x, weight, scale, scheme: str):

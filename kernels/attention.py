@@ -183,7 +183,7 @@ def attend_rows(config: AttentionShape, dtype: str):
                 scores[i * padded + pos] = lane_sum(part, i * L, L) * T.float32(scale)
         for i in T.unroll(count):
             # the maximum (exact in any order), then p and its sum, L positions at a time; past lengths[i] the
-            # scores are another row's or unwritten, and p is 0
+            # scores are of positions this row must not see (or unwritten), and p is 0
             for j in T.vectorized(L):
                 part[i * L + j] = T.min_value("float32")
             for po in range((longest + L - 1) // L):

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tvm import tirx
 from tvm.runtime import DataType
 from tvm.script import tirx as T
 
 from gptj_tvm.core.constants import GELU_NEW_COEFF, GELU_NEW_SCALE
 
 from . import fast_math
-from .common import HAND_SCHEDULED, prefetch
+from .common import HAND_SCHEDULED, fold_lanes, prefetch
 
 # rotary_append splits each token's heads and FFN columns this many ways, so that a decode step's one token
 # keeps every thread busy (gelu_new over d_ff columns took 5-7 ms of a GPT-J-6B token on one thread when it
@@ -180,7 +179,7 @@ def attend_rows(config: AttentionShape, dtype: str):
                     for j in T.vectorized(L):
                         part[i * L + j] = part[i * L + j] + query[i * D + jo * L + j] * widened[jo * L + j]
             for i in T.unroll(count):
-                scores[i * padded + pos] = lane_sum(part, i * L, L) * T.float32(scale)
+                scores[i * padded + pos] = fold_lanes(part, i * L, L, "float32") * T.float32(scale)
         for i in T.unroll(count):
             # the maximum (exact in any order), then p and its sum, L positions at a time; past lengths[i] the
             # scores are of positions this row must not see (or unwritten), and p is 0
@@ -201,7 +200,7 @@ def attend_rows(config: AttentionShape, dtype: str):
                         po * L + j < lengths[i], fast_math.exp(scores[i * padded + po * L + j] - total[i]),
                         T.float32(0))
                     part[i * L + j] = part[i * L + j] + scores[i * padded + po * L + j]
-            total[i] = lane_sum(part, i * L, L)
+            total[i] = fold_lanes(part, i * L, L, "float32")
         if count == 1:
             # one row: its head's accumulators fit in registers, and each value row is read once
             for jo in T.unroll(D // L):
@@ -234,18 +233,6 @@ def attend_rows(config: AttentionShape, dtype: str):
                         out[0, t0 + i, h * D + jo * L + j] = T.Cast(dtype, acc[i * L + j] / total[i])
 
     return attend
-
-
-def lane_sum(buf, base, lanes: int):
-    """buf[base .. base + lanes] summed pairwise: the halves added, then their halves, ... (as vector halves:
-    LLVM made a mess of the same sums written as stores of narrower vectors)."""
-    if lanes == 1:
-        return buf[base]
-    v = buf.vload([base], f"float32x{lanes}")
-    while lanes > 2:
-        lanes //= 2
-        v = T.vectorlow(f"float32x{lanes}", v) + T.vectorhigh(f"float32x{lanes}", v)
-    return tirx.Shuffle([v], [0]) + tirx.Shuffle([v], [1])
 
 
 def attention(config: AttentionShape, dtype: str, out_width: int):

@@ -21,10 +21,9 @@ tile's first row asks (see below).
 
 from __future__ import annotations
 
-from tvm import tirx
 from tvm.script import tirx as T
 
-from .common import HAND_SCHEDULED, WEIGHT_PREFETCH_BYTES, WEIGHT_PREFETCH_LOCALITY, prefetch
+from .common import HAND_SCHEDULED, WEIGHT_PREFETCH_BYTES, WEIGHT_PREFETCH_LOCALITY, fold_lanes, prefetch
 
 LANES = 16  # 32-bit lanes of a 512-bit register: 16 columns x 4 input features = 64 weight bytes
 ROWS = 3  # rows (prompt positions) per weight load: 3 x (4 dot + 4 acc) of the 32 AVX-512 registers
@@ -224,7 +223,7 @@ def quantize_activations(in_features: int, group: int, x_dtype: str):
                         for j in T.vectorized(LANES):
                             largest[j] = T.max(largest[j],
                                                T.abs(T.Cast("float32", x[0, t, g * group + p * LANES + j])))
-                    scale[0] = _fold(largest, "float32", T.max)  # a maximum: any order
+                    scale[0] = fold_lanes(largest, 0, LANES, "float32", T.max)  # a maximum: any order
                     scale[0] = T.if_then_else(scale[0] > T.float32(0), scale[0] / T.float32(127), T.float32(1))
                     xs[0, t, g] = scale[0]
                     for j in T.vectorized(LANES):
@@ -234,15 +233,7 @@ def quantize_activations(in_features: int, group: int, x_dtype: str):
                             xq[0, t, g * group + p * LANES + j] = T.Cast("int8", T.nearbyint(
                                 T.Cast("float32", x[0, t, g * group + p * LANES + j]) / scale[0]))
                             sums[j] = sums[j] + T.Cast("int32", xq[0, t, g * group + p * LANES + j])
-                    xsum[0, t, g] = _fold(sums, "int32", lambda a, b: a + b)
+                    xsum[0, t, g] = fold_lanes(sums, 0, LANES, "int32")
 
     return kernel
 
-
-def _fold(buf, dtype: str, combine):
-    """buf[0 .. LANES] combined pairwise by halves (for max and integer sums, exact in any order)."""
-    lanes, vector = LANES, buf.vload([0], f"{dtype}x{LANES}")
-    while lanes > 2:
-        lanes //= 2
-        vector = combine(T.vectorlow(f"{dtype}x{lanes}", vector), T.vectorhigh(f"{dtype}x{lanes}", vector))
-    return combine(tirx.Shuffle([vector], [0]), tirx.Shuffle([vector], [1]))

@@ -22,6 +22,8 @@ its five kernels.
 
 from __future__ import annotations
 
+import functools
+
 from tvm.script import tirx as T
 
 from .common import HAND_SCHEDULED, WEIGHT_PREFETCH_BYTES, WEIGHT_PREFETCH_LOCALITY, prefetch
@@ -51,6 +53,7 @@ declare <{lanes} x float> @llvm.x86.avx512bf16.dpbf16ps.{32 * lanes}(<{lanes} x 
 """ for lanes, name in DOT_FUNCTIONS.items())
 
 
+@functools.cache  # the frontend asks once per call site; writing the TVMScript takes up to a second
 def pair_matmul(in_features: int, out_features: int, tile: int, x_dtype: str, bias: bool = False,
                 residual: bool = False, dot: bool = False):
     """The kernel for one weight in column pairs of `tile` columns: (x, weight[, bias [N] float32[, residual

@@ -21,6 +21,8 @@ tile's first row asks (see below).
 
 from __future__ import annotations
 
+import functools
+
 from tvm.script import tirx as T
 
 from .common import HAND_SCHEDULED, WEIGHT_PREFETCH_BYTES, WEIGHT_PREFETCH_LOCALITY, fold_lanes, prefetch
@@ -31,6 +33,7 @@ assert ROWS == 3, "the kernel writes its remainder blocks (1 and 2 rows) out"
 VPDPBUSD = "llvm.x86.avx512.vpdpbusd.512"
 
 
+@functools.cache  # the frontend asks once per call site; writing the TVMScript takes up to a second
 def vnni_matmul(in_features: int, out_features: int, scheme: str, group: int, tile: int, offset: int,
                 bias: bool = False, residual: bool = False):
     """(x_q [1, n, K] int8, x_scale [1, n, K / GROUP] f32, x_sum [1, n, K / GROUP] i32, weight, w_scale
@@ -191,6 +194,7 @@ def _vpdpbusd(acc, weights_u8x64, xq, t, k):
                                    T.reinterpret(T.Broadcast(x_quad, LANES), dtype="int8x64"), dtype="int32x16")
 
 
+@functools.cache  # the frontend asks once per call site; writing the TVMScript takes up to a second
 def quantize_activations(in_features: int, group: int, x_dtype: str):
     """x [1, n, K] -> (x_q int8 [1, n, K], x_scale float32 [1, n, K / group], x_sum int32 [1, n, K / group]),
     vnni_matmul's input: per group, x_scale = max |x| / 127 (1 for an all-zero group), x_q = round half even

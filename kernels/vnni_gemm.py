@@ -1,8 +1,12 @@
 """The q8/q4 GEMM on AVX-512 VNNI integer dot products (x86 CPUs with avx512_vnni), written in TIR.
 
-One task per column tile of TILE outputs (a contiguous run of the weight file), with the rows (prompt
-positions) inside it in blocks of ROWS, each weight load (and q4's unpacking) serving every row of a block,
-so prefill re-reads a tile from L2 a third as often, and does a third of the unpacking.
+One task per column tile of TILE outputs (a contiguous run of the weight file), in one of two shapes:
+- a serving step (fewer than PROMPT_MIN rows: decode rows, a few streams): one 16-column lane of the tile at a
+  time, in blocks of STEP_ROWS rows (8 dot products and 8 accumulators in registers), so each weight vector is
+  loaded and unpacked once for 8 rows, and K in chunks of CHUNK_GROUPS groups (the sum goes on in y), so the
+  rows' inputs stay in L1 while the tile's four lanes take their turns;
+- a prompt: the tile's four lanes at once, in blocks of PROMPT_ROWS rows. The lane-at-a-time shape ran prompts
+  10-30% slower (W_out's 20480 inputs most), with each row's input broadcast once per lane instead of once.
 
 vnni_matmul:
 y[t, c] = sum over groups g of  w_scale[g, c] * x_scale[t, g] * (sum over the group's k of x_q[t, k] * q[k, c])
@@ -10,13 +14,14 @@ x is quantized per group of GROUP features to int8 (quantize_activations, fronte
 x_scale = max |x| / 127, x_q = round(x / x_scale), x_sum = sum of x_q); the weights are stored unsigned
 (q + OFFSET) four input features per 32-bit lane, so `vpdpbusd` multiplies 64 weight bytes by 4 broadcast x_q
 bytes and sums each lane's four products: one instruction per 64 weight bytes, where widening every weight to
-float takes 12 and leaves the GEMV compute bound. The offset comes back out per group:
-sum x_q (q + OFFSET) = sum x_q q + OFFSET * x_sum. q4 unpacks two nibbles per byte (low: features 8i..8i+3,
-high: 8i+4..8i+7) with an AND and a shift.
-Each 64-byte load asks for the line WEIGHT_PREFETCH_BYTES further on (into L2, running on into the next tile,
-which is the next one a thread streams), as the bfloat16 GEMVs do (schedules/prefetch.py): the hardware
-prefetchers alone leave these GEMVs short of the read bandwidth (README, "Weight prefetch"). In prefill only a
-tile's first row asks (see below).
+float takes 12 and leaves the GEMV compute bound. The offset comes back out per group, as the group's dot
+product starts from -OFFSET * x_sum: sum x_q (q + OFFSET) - OFFSET * x_sum = sum x_q q. q4 unpacks two nibbles
+per byte (low: features 8i..8i+3, high: 8i+4..8i+7) with an AND and a shift. Both shapes add the same float32
+terms in the same order, so a row's result does not depend on the shape or block it ran in.
+A tile's first row block asks for each weight line WEIGHT_PREFETCH_BYTES further on (into L2, running on into the
+next tile, which is the next one a thread streams), as the bfloat16 GEMVs do (schedules/prefetch.py): the
+hardware prefetchers alone leave these GEMVs short of the read bandwidth (README, "Weight prefetch"). The later
+blocks find the weights in L2 (prefetching again there slowed q8's prompt GEMMs by a third).
 """
 
 from __future__ import annotations
@@ -28,9 +33,18 @@ from tvm.script import tirx as T
 from .common import HAND_SCHEDULED, WEIGHT_PREFETCH_BYTES, WEIGHT_PREFETCH_LOCALITY, fold_lanes, prefetch
 
 LANES = 16  # 32-bit lanes of a 512-bit register: 16 columns x 4 input features = 64 weight bytes
-ROWS = 3  # rows (prompt positions) per weight load: 3 x (4 dot + 4 acc) of the 32 AVX-512 registers
-assert ROWS == 3, "the kernel writes its remainder blocks (1 and 2 rows) out"
+STEP_ROWS = 8  # a serving step's rows per pass over a lane: 8 x (dot + acc) of the 32 AVX-512 registers
+PROMPT_ROWS = 3  # a prompt's rows per weight load: 3 x (4 dot + 4 acc)
+PROMPT_MIN = 32  # rows from which the prompt shape runs
+CHUNK_GROUPS = 16  # a serving step's groups of K per pass
+assert STEP_ROWS == 8 and PROMPT_ROWS == 3, "the kernel writes the blocks' remainders out"
 VPDPBUSD = "llvm.x86.avx512.vpdpbusd.512"
+# A group's dot product is an integer of magnitude below 2^22 (32 x 127 x 128 at most). Counted up from the bits
+# of MAGIC = 1.5 x 2^23, it lands on the bits of the float MAGIC + dot (exactly), and one float subtraction gives
+# the dot product: vcvtdq2ps would take one of the two pipes that also run vpdpbusd and the multiplies, the
+# subtraction runs on the adders (AMD Zen 4; on Intel it costs what the conversion did).
+MAGIC = 12582912.0
+MAGIC_BITS = 0x4B400000
 
 
 @functools.cache  # the frontend asks once per call site; writing the TVMScript takes up to a second
@@ -42,17 +56,81 @@ def vnni_matmul(in_features: int, out_features: int, scheme: str, group: int, ti
     column tiles of `tile`, levels + `offset`; (y + bias) + residual as y is written, where asked for."""
     if residual and not bias:
         raise ValueError("a residual comes with a bias (the fused block's W_out)")
+    if group * 127 * 128 >= 2 ** 22:
+        raise ValueError(f"groups of {group} can overflow the dot products' float bits (MAGIC)")
     GROUP, TILE = group, tile  # the kernel's constants, named as in its math
     K, N, G = in_features, out_features, in_features // GROUP
-    tiles, groups_per_k = N // TILE, GROUP
+    tiles, tile_lanes = N // TILE, TILE // LANES
     q4 = scheme == "q4"
     rows = K // 8 if q4 else K // 4
-    quads = GROUP // 4  # vpdpbusd steps per group (q4: pairs of them from one load)
-    group_rows = quads // 2 if q4 else quads  # rows of the stored levels per group
+    group_rows = GROUP // 8 if q4 else GROUP // 4  # rows of the stored levels per group
     ahead = WEIGHT_PREFETCH_BYTES // (TILE * 4)  # rows of the stored levels
+    chunks = (G + CHUNK_GROUPS - 1) // CHUNK_GROUPS
+
+    def group_dot(xq, xsum, weight, tile, g, lane, t):
+        """The group's integer dot product of row t with the lane's 16 columns, counted up from MAGIC_BITS, as
+        one expression (LLVM keeps it in a register; a buffer would live in TVM's heap workspace)."""
+        dot = T.Broadcast(xsum[0, t, g] * (-offset) + MAGIC_BITS, LANES)
+        for step in range(group_rows):
+            row, k = g * group_rows + step, g * GROUP + step * (8 if q4 else 4)
+            if q4:
+                dot = _vpdpbusd(_vpdpbusd(dot, _nibbles(weight, tile, row, lane, 0), xq, t, k),
+                                _nibbles(weight, tile, row, lane, 4), xq, t, k + 4)
+            else:
+                dot = _vpdpbusd(dot, weight.vload([tile, row, lane * LANES, 0], "uint8x64"), xq, t, k)
+        return dot
+
+    def group_term(dot, w_scale, xs, tile, g, lane, t):
+        """The group's float32 term of y[t, the lane's columns]: dot * (w_scale * x_scale)."""
+        return (T.reinterpret("float32x16", dot) - T.Broadcast(T.float32(MAGIC), LANES)) * (
+            T.Cast("float32x16", w_scale.vload([tile, g, lane * LANES], "float16x16"))
+            * T.Broadcast(xs[0, t, g], LANES))
 
     @T.macro
-    def positions(xq, xs, xsum, weight, w_scale, y, bias, residual, tile, t0, count, streams):
+    def store(y, bias, residual, t, col, acc, a0, partial):
+        """y[t, col .. col + 16] = acc[a0 ..], + bias, + residual unless `partial` (a chunk before the last)."""
+        if bias is None:  # decided as the kernel is written (a Python condition)
+            for c in T.vectorized(LANES):
+                y[0, t, col + c] = acc[a0 + c]
+        elif partial:
+            for c in T.vectorized(LANES):
+                y[0, t, col + c] = acc[a0 + c]
+        elif residual is None:
+            for c in T.vectorized(LANES):
+                y[0, t, col + c] = acc[a0 + c] + bias[col + c]
+        else:  # the order of the graph's own adds: (x W + b) + h
+            for c in T.vectorized(LANES):
+                y[0, t, col + c] = (acc[a0 + c] + bias[col + c]) + residual[0, t, col + c]
+
+    @T.macro
+    def lane_rows(xq, xs, xsum, weight, w_scale, y, bias, residual, tile, lane, chunk, t0, count, streams):
+        """y[t0 .. t0 + count, the lane's 16 columns of the tile], over the groups of K chunk `chunk`: one pass
+        over the lane's weights there; the sum goes on from what the chunk before left in y."""
+        acc = T.sblock_alloc_buffer((count * LANES,), "float32", scope="local")
+        col = tile * TILE + lane * LANES
+        for i in T.unroll(count):
+            if chunk == 0:
+                for c in T.vectorized(LANES):
+                    acc[i * LANES + c] = T.float32(0)
+            else:
+                for c in T.vectorized(LANES):
+                    acc[i * LANES + c] = y[0, t0 + i, col + c]
+        for g in range(chunk * CHUNK_GROUPS, T.min(chunk * CHUNK_GROUPS + CHUNK_GROUPS, G)):
+            if streams:
+                # past the tile's last row the address is in the next tile (or past the weights, which is
+                # harmless: prefetches never fault)
+                for step in T.unroll(group_rows):
+                    prefetch(weight[tile, g * group_rows + step + ahead, lane * LANES, 0], WEIGHT_PREFETCH_LOCALITY)
+            for i in T.unroll(count):
+                # no Python names for vector values: TVMScript would give each a buffer (LLVM shares the weight
+                # loads and the unpacking between the rows)
+                acc[T.ramp(i * LANES, 1, LANES)] = acc.vload([i * LANES], "float32x16") + group_term(
+                    group_dot(xq, xsum, weight, tile, g, lane, t0 + i), w_scale, xs, tile, g, lane, t0 + i)
+        for i in T.unroll(count):
+            store(y, bias, residual, t0 + i, col, acc, i * LANES, chunk < chunks - 1)
+
+    @T.macro
+    def tile_rows(xq, xs, xsum, weight, w_scale, y, bias, residual, tile, t0, count, streams):
         """y[t0 .. t0 + count, the tile's columns]: each weight load (and q4's unpacking) serves `count` rows.
         Whole vectors at constant offsets, so that LLVM keeps acc and dot in registers."""
         acc = T.sblock_alloc_buffer((count * TILE,), "float32", scope="local")
@@ -60,75 +138,96 @@ def vnni_matmul(in_features: int, out_features: int, scheme: str, group: int, ti
         for c in T.vectorized(count * TILE):
             acc[c] = T.float32(0)
         for g in range(G):
-            for c in T.vectorized(count * TILE):
-                dot[c] = 0
+            for i in T.unroll(count):
+                for c in T.vectorized(TILE):
+                    dot[i * TILE + c] = xsum[0, t0 + i, g] * (-offset) + MAGIC_BITS
             for step in T.unroll(group_rows):
-                for lane in T.unroll(TILE // LANES):
-                    # past the tile's last row the address is in the next tile (or past the weights, which is
-                    # harmless: prefetches never fault); only the first rows stream the tile in, the others find
-                    # it in L2, where prefetching again slowed q8's prefill GEMMs by a third
+                for lane in T.unroll(tile_lanes):
                     if streams:
                         prefetch(weight[tile, g * group_rows + step + ahead, lane * LANES, 0],
                                  WEIGHT_PREFETCH_LOCALITY)
                     for i in T.unroll(count):
-                        # no Python names for vector values: TVMScript would give each a buffer (LLVM shares
-                        # the load and the unpacking between the rows)
                         if q4:
                             dot[T.ramp(i * TILE + lane * LANES, 1, LANES)] = _vpdpbusd(
                                 _vpdpbusd(dot.vload([i * TILE + lane * LANES], "int32x16"),
                                           _nibbles(weight, tile, g * group_rows + step, lane, 0),
-                                          xq, t0 + i, g * groups_per_k + step * 8),
+                                          xq, t0 + i, g * GROUP + step * 8),
                                 _nibbles(weight, tile, g * group_rows + step, lane, 4),
-                                xq, t0 + i, g * groups_per_k + step * 8 + 4)
+                                xq, t0 + i, g * GROUP + step * 8 + 4)
                         else:
                             dot[T.ramp(i * TILE + lane * LANES, 1, LANES)] = _vpdpbusd(
                                 dot.vload([i * TILE + lane * LANES], "int32x16"),
                                 weight.vload([tile, g * group_rows + step, lane * LANES, 0], "uint8x64"),
-                                xq, t0 + i, g * groups_per_k + step * 4)
+                                xq, t0 + i, g * GROUP + step * 4)
             for i in T.unroll(count):
-                for c in T.vectorized(TILE):
-                    acc[i * TILE + c] = acc[i * TILE + c] + T.Cast(
-                        "float32", dot[i * TILE + c] - offset * xsum[0, t0 + i, g]) * (
-                        T.Cast("float32", w_scale[tile, g, c]) * xs[0, t0 + i, g])
+                for lane in T.unroll(tile_lanes):
+                    acc[T.ramp(i * TILE + lane * LANES, 1, LANES)] = acc.vload(
+                        [i * TILE + lane * LANES], "float32x16") + group_term(
+                        dot.vload([i * TILE + lane * LANES], "int32x16"), w_scale, xs, tile, g, lane, t0 + i)
         for i in T.unroll(count):
-            for c in T.vectorized(TILE):
-                if bias is None:  # decided as the kernel is written (a Python condition)
-                    y[0, t0 + i, tile * TILE + c] = acc[i * TILE + c]
-                elif residual is None:
-                    y[0, t0 + i, tile * TILE + c] = acc[i * TILE + c] + bias[tile * TILE + c]
-                else:  # the order of the graph's own adds: (x W + b) + h
-                    y[0, t0 + i, tile * TILE + c] = (acc[i * TILE + c] + bias[tile * TILE + c]) + residual[
-                        0, t0 + i, tile * TILE + c]
+            for lane in T.unroll(tile_lanes):
+                store(y, bias, residual, t0 + i, tile * TILE + lane * LANES, acc, i * TILE + lane * LANES, False)
 
     @T.macro
-    def rows_of(name, xq, xs, xsum, weight, w_scale, y, bias, residual, tile, t0, count, streams):
+    def lane_block(name, xq, xs, xsum, weight, w_scale, y, bias, residual, tile, lane, chunk, t0, count, streams):
+        with T.sblock(name):
+            T.reads(xq[0, t0:t0 + count, 0:K], xs[0, t0:t0 + count, 0:G], xsum[0, t0:t0 + count, 0:G],
+                    weight[tile, 0:rows, 0:TILE, 0:4], w_scale[tile, 0:G, 0:TILE],
+                    y[0, t0:t0 + count, tile * TILE:tile * TILE + TILE])
+            T.writes(y[0, t0:t0 + count, tile * TILE:tile * TILE + TILE])
+            lane_rows(xq, xs, xsum, weight, w_scale, y, bias, residual, tile, lane, chunk, t0, count, streams)
+
+    @T.macro
+    def tile_block(name, xq, xs, xsum, weight, w_scale, y, bias, residual, tile, t0, count, streams):
         with T.sblock(name):
             T.reads(xq[0, t0:t0 + count, 0:K], xs[0, t0:t0 + count, 0:G], xsum[0, t0:t0 + count, 0:G],
                     weight[tile, 0:rows, 0:TILE, 0:4], w_scale[tile, 0:G, 0:TILE])
             T.writes(y[0, t0:t0 + count, tile * TILE:tile * TILE + TILE])
-            positions(xq, xs, xsum, weight, w_scale, y, bias, residual, tile, t0, count, streams)
+            tile_rows(xq, xs, xsum, weight, w_scale, y, bias, residual, tile, t0, count, streams)
+
+    @T.macro
+    def step_rest(xq, xs, xsum, weight, w_scale, y, bias, residual, tile, lane, chunk, t0, n_rest, streams):
+        """A serving step's n_rest (< STEP_ROWS) rows from t0, as blocks of 4, 2 and 1 rows."""
+        if n_rest >= 4:
+            lane_block("vnni_matmul_4", xq, xs, xsum, weight, w_scale, y, bias, residual, tile, lane, chunk, t0, 4,
+                       streams)
+        if n_rest % 4 >= 2:
+            lane_block("vnni_matmul_2", xq, xs, xsum, weight, w_scale, y, bias, residual, tile, lane, chunk,
+                       t0 + n_rest // 4 * 4, 2, streams)
+        if n_rest % 2 == 1:
+            lane_block("vnni_matmul_1", xq, xs, xsum, weight, w_scale, y, bias, residual, tile, lane, chunk,
+                       t0 + n_rest - 1, 1, streams)
 
     @T.macro
     def gemm(xq, xs, xsum, weight, w_scale, y, bias, residual, n):
-        # rows in blocks of ROWS, the first block streaming the tile in; whether a block prefetches is decided
-        # as the kernel is written, so no branch sits in the inner loop
+        # whether a block prefetches is decided as the kernel is written, so no branch sits in the inner loop
         for tile in T.parallel(tiles):
-            if n >= ROWS:
-                rows_of("vnni_matmul_first", xq, xs, xsum, weight, w_scale, y, bias, residual, tile, 0, ROWS,
-                        True)
-                for b in range(1, n // ROWS):
-                    rows_of("vnni_matmul", xq, xs, xsum, weight, w_scale, y, bias, residual, tile, b * ROWS, ROWS,
-                            False)
-                if n % ROWS == 2:  # the rest as one block too (ROWS is 3)
-                    rows_of("vnni_matmul_rest2", xq, xs, xsum, weight, w_scale, y, bias, residual, tile, n - 2, 2,
-                            False)
-                elif n % ROWS == 1:
-                    rows_of("vnni_matmul_rest1", xq, xs, xsum, weight, w_scale, y, bias, residual, tile, n - 1, 1,
-                            False)
-            elif n == 2:
-                rows_of("vnni_matmul_two", xq, xs, xsum, weight, w_scale, y, bias, residual, tile, 0, 2, True)
-            elif n == 1:  # and no rows at all (a serving step whose rows all belong to unfinished prompts)
-                rows_of("vnni_matmul_one", xq, xs, xsum, weight, w_scale, y, bias, residual, tile, 0, 1, True)
+            if n >= PROMPT_MIN:
+                tile_block("vnni_matmul_prompt_first", xq, xs, xsum, weight, w_scale, y, bias, residual, tile, 0,
+                           PROMPT_ROWS, True)
+                for b in range(1, n // PROMPT_ROWS):
+                    tile_block("vnni_matmul_prompt", xq, xs, xsum, weight, w_scale, y, bias, residual, tile,
+                               b * PROMPT_ROWS, PROMPT_ROWS, False)
+                if n % PROMPT_ROWS == 2:
+                    tile_block("vnni_matmul_prompt_rest2", xq, xs, xsum, weight, w_scale, y, bias, residual, tile,
+                               n - 2, 2, False)
+                elif n % PROMPT_ROWS == 1:
+                    tile_block("vnni_matmul_prompt_rest1", xq, xs, xsum, weight, w_scale, y, bias, residual, tile,
+                               n - 1, 1, False)
+            else:  # a serving step (or no rows: its rows all belong to unfinished prompts)
+                for chunk in range(chunks):
+                    for lane in range(tile_lanes):
+                        if n >= STEP_ROWS:
+                            lane_block("vnni_matmul_step_first", xq, xs, xsum, weight, w_scale, y, bias, residual,
+                                       tile, lane, chunk, 0, STEP_ROWS, True)
+                            for b in range(1, n // STEP_ROWS):
+                                lane_block("vnni_matmul_step", xq, xs, xsum, weight, w_scale, y, bias, residual,
+                                           tile, lane, chunk, b * STEP_ROWS, STEP_ROWS, False)
+                            step_rest(xq, xs, xsum, weight, w_scale, y, bias, residual, tile, lane, chunk,
+                                      n // STEP_ROWS * STEP_ROWS, n % STEP_ROWS, False)
+                        else:
+                            step_rest(xq, xs, xsum, weight, w_scale, y, bias, residual, tile, lane, chunk, 0, n,
+                                      True)
 
     # one entry per signature (TVMScript has no optional parameters); the body is gemm's
     if residual:

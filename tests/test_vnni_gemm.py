@@ -20,20 +20,25 @@ def build(func):
     return tvm.tirx.build(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=host_target())
 
 
-# rows: blocks of 3 sharing each weight load, the rest one at a time, fewer rows than a block (1, 2) and a
-# prompt's worth (128). Quantized weights hold whole groups and tiles (check_shape refuses others), so k and n
-# are multiples of 32 and 64 here.
+# A serving step (under 32 rows) runs one 16-column lane at a time, in blocks of 8 rows and their remainders as
+# blocks of 4, 2 and 1 (1, 2, 3, 5, 7, 8, 13, 22), over K in chunks of 16 groups (k 1088: two whole chunks and
+# one of 2 groups, the sum going on through y); a prompt (32 rows and more) runs the whole tile in blocks of 3
+# rows and a remainder of 1 or 2 (32, 128). Quantized weights hold whole groups and tiles (check_shape refuses
+# others), so k and n are multiples of 32 and 64 here.
 # The bias (W_in, lm_head) and the bias and residual (the fused block's W_out) are added as y is written.
 @pytest.mark.skipif(not has_vnni(), reason="this CPU has no AVX-512 VNNI")
-@pytest.mark.parametrize("rows,epilogue", [(1, ()), (2, ()), (3, ()), (8, ()), (13, ()), (128, ()), (1, ("bias",)),
-                                           (13, ("bias",)), (2, ("bias", "residual")), (8, ("bias", "residual"))])
+@pytest.mark.parametrize("k,rows,epilogue", [
+    (128, 1, ()), (128, 2, ()), (128, 3, ()), (128, 5, ()), (128, 7, ()), (128, 8, ()), (128, 13, ()), (128, 22, ()),
+    (128, 32, ()), (128, 128, ()), (128, 1, ("bias",)), (1088, 1, ("bias", "residual")), (1088, 13, ("bias",)),
+    (1088, 35, ("bias", "residual")), (128, 13, ("bias",)), (128, 2, ("bias", "residual")),
+    (128, 8, ("bias", "residual"))])
 @pytest.mark.parametrize("scheme", ["q8", "q4"])
-def test_vnni_kernel_is_exact(scheme, rows, epilogue):
+def test_vnni_kernel_is_exact(scheme, k, rows, epilogue):
     """The VNNI GEMM against numpy: each group's integer dot product x_q . q (exact, in int64), then in group
     order acc += dot * (w_scale * x_scale) in float32, the product of the scales rounded and the rest one fused
     multiply-add (LLVM contracts it; float64 holds the exact product and sum before the one rounding): the same
     bits."""
-    k, n = 128, 192
+    n = 192
     rng = np.random.default_rng(rows)
     levels = rng.integers(LEVELS[scheme][0], LEVELS[scheme][1] + 1, size=(k, n)).astype(np.int8)
     w_scale = rng.uniform(0.5, 2.0, size=(k // GROUP, n)).astype(np.float16)

@@ -118,7 +118,8 @@ def vnni_matmul(in_features: int, out_features: int, scheme: str, group: int, ti
         for g in range(chunk * CHUNK_GROUPS, T.min(chunk * CHUNK_GROUPS + CHUNK_GROUPS, G)):
             if streams:
                 # past the tile's last row the address is in the next tile (or past the weights, which is
-                # harmless: prefetches never fault)
+                # harmless: prefetches never fault). With a prefetch in the loop LLVM stores the accumulators
+                # after every group (TVM gives acc a heap workspace, which a prefetch might touch)
                 for step in T.unroll(group_rows):
                     prefetch(weight[tile, g * group_rows + step + ahead, lane * LANES, 0], WEIGHT_PREFETCH_LOCALITY)
             for i in T.unroll(count):
@@ -218,8 +219,10 @@ def vnni_matmul(in_features: int, out_features: int, scheme: str, group: int, ti
                 for chunk in range(chunks):
                     for lane in range(tile_lanes):
                         if n >= STEP_ROWS:
+                            # 8 rows of q4 take longer to multiply than to read: the prefetches cost more (their
+                            # accumulator stores, see lane_rows) than they bring
                             lane_block("vnni_matmul_step_first", xq, xs, xsum, weight, w_scale, y, bias, residual,
-                                       tile, lane, chunk, 0, STEP_ROWS, True)
+                                       tile, lane, chunk, 0, STEP_ROWS, not q4)
                             for b in range(1, n // STEP_ROWS):
                                 lane_block("vnni_matmul_step", xq, xs, xsum, weight, w_scale, y, bias, residual,
                                            tile, lane, chunk, b * STEP_ROWS, STEP_ROWS, False)

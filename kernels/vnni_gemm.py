@@ -1,12 +1,13 @@
 """The q8/q4 GEMM on AVX-512 VNNI integer dot products (x86 CPUs with avx512_vnni), written in TIR.
 
 One task per column tile of TILE outputs (a contiguous run of the weight file), in one of two shapes:
-- a serving step (fewer than PROMPT_MIN rows: decode rows, a few streams): one 16-column lane of the tile at a
-  time, in blocks of STEP_ROWS rows (8 dot products and 8 accumulators in registers), so each weight vector is
-  loaded and unpacked once for 8 rows, and K in chunks of CHUNK_GROUPS groups (the sum goes on in y), so the
+- a serving step of STEP_MIN to PROMPT_MIN - 1 rows (a few streams' decode rows): one 16-column lane of the tile
+  at a time, in blocks of STEP_ROWS rows (8 dot products and 8 accumulators in registers), so each weight vector
+  is loaded and unpacked once for 8 rows, and K in chunks of CHUNK_GROUPS groups (the sum goes on in y), so the
   rows' inputs stay in L1 while the tile's four lanes take their turns;
-- a prompt: the tile's four lanes at once, in blocks of PROMPT_ROWS rows. The lane-at-a-time shape ran prompts
-  10-30% slower (W_out's 20480 inputs most), with each row's input broadcast once per lane instead of once.
+- a prompt, and decode's 1 to 3 rows: the tile's four lanes at once, in blocks of PROMPT_ROWS rows. The
+  lane-at-a-time shape ran prompts 10-30% slower (W_out's 20480 inputs most), each row's input broadcast once
+  per lane instead of once, and decode 10-20% slower, reading a quarter of each 256-byte row per pass.
 
 vnni_matmul:
 y[t, c] = sum over groups g of  w_scale[g, c] * x_scale[t, g] * (sum over the group's k of x_q[t, k] * q[k, c])
@@ -14,8 +15,8 @@ x is quantized per group of GROUP features to int8 (quantize_activations, fronte
 x_scale = max |x| / 127, x_q = round(x / x_scale), x_sum = sum of x_q); the weights are stored unsigned
 (q + OFFSET) four input features per 32-bit lane, so `vpdpbusd` multiplies 64 weight bytes by 4 broadcast x_q
 bytes and sums each lane's four products: one instruction per 64 weight bytes, where widening every weight to
-float takes 12 and leaves the GEMV compute bound. The offset comes back out per group, as the group's dot
-product starts from -OFFSET * x_sum: sum x_q (q + OFFSET) - OFFSET * x_sum = sum x_q q. q4 unpacks two nibbles
+float takes 12 and leaves the GEMV compute bound. The offset comes back out per group: sum x_q (q + OFFSET) -
+OFFSET * x_sum = sum x_q q (a serving step's dot product starts from -OFFSET * x_sum). q4 unpacks two nibbles
 per byte (low: features 8i..8i+3, high: 8i+4..8i+7) with an AND and a shift. Both shapes add the same float32
 terms in the same order, so a row's result does not depend on the shape or block it ran in.
 A tile's first row block asks for each weight line WEIGHT_PREFETCH_BYTES further on (into L2, running on into the
@@ -35,14 +36,15 @@ from .common import HAND_SCHEDULED, WEIGHT_PREFETCH_BYTES, WEIGHT_PREFETCH_LOCAL
 LANES = 16  # 32-bit lanes of a 512-bit register: 16 columns x 4 input features = 64 weight bytes
 STEP_ROWS = 8  # a serving step's rows per pass over a lane: 8 x (dot + acc) of the 32 AVX-512 registers
 PROMPT_ROWS = 3  # a prompt's rows per weight load: 3 x (4 dot + 4 acc)
-PROMPT_MIN = 32  # rows from which the prompt shape runs
+PROMPT_MIN = 32  # rows from which the prompt shape runs again
+STEP_MIN = 4  # rows from which the serving-step shape runs: 1-3 rows (decode) read the weights faster a tile at a time
 CHUNK_GROUPS = 16  # a serving step's groups of K per pass
 assert STEP_ROWS == 8 and PROMPT_ROWS == 3, "the kernel writes the blocks' remainders out"
 VPDPBUSD = "llvm.x86.avx512.vpdpbusd.512"
-# A group's dot product is an integer of magnitude below 2^22 (32 x 127 x 128 at most). Counted up from the bits
-# of MAGIC = 1.5 x 2^23, it lands on the bits of the float MAGIC + dot (exactly), and one float subtraction gives
-# the dot product: vcvtdq2ps would take one of the two pipes that also run vpdpbusd and the multiplies, the
-# subtraction runs on the adders (AMD Zen 4; on Intel it costs what the conversion did).
+# In a serving step, a group's dot product (an integer of magnitude below 2^22: 32 x 127 x 128 at most) is
+# counted up from the bits of MAGIC = 1.5 x 2^23, so it lands on the bits of the float MAGIC + dot (exactly), and
+# one float subtraction gives the dot product: vcvtdq2ps would take one of the two pipes that also run vpdpbusd
+# and the multiplies, the subtraction runs on the adders (AMD Zen 4). In prompts it ran q4 1-8% slower.
 MAGIC = 12582912.0
 MAGIC_BITS = 0x4B400000
 
@@ -139,9 +141,8 @@ def vnni_matmul(in_features: int, out_features: int, scheme: str, group: int, ti
         for c in T.vectorized(count * TILE):
             acc[c] = T.float32(0)
         for g in range(G):
-            for i in T.unroll(count):
-                for c in T.vectorized(TILE):
-                    dot[i * TILE + c] = xsum[0, t0 + i, g] * (-offset) + MAGIC_BITS
+            for c in T.vectorized(count * TILE):
+                dot[c] = 0
             for step in T.unroll(group_rows):
                 for lane in T.unroll(tile_lanes):
                     if streams:
@@ -160,11 +161,12 @@ def vnni_matmul(in_features: int, out_features: int, scheme: str, group: int, ti
                                 dot.vload([i * TILE + lane * LANES], "int32x16"),
                                 weight.vload([tile, g * group_rows + step, lane * LANES, 0], "uint8x64"),
                                 xq, t0 + i, g * GROUP + step * 4)
+            # (here MAGIC's float subtraction ran q4 prompts 1-8% slower than the conversion)
             for i in T.unroll(count):
-                for lane in T.unroll(tile_lanes):
-                    acc[T.ramp(i * TILE + lane * LANES, 1, LANES)] = acc.vload(
-                        [i * TILE + lane * LANES], "float32x16") + group_term(
-                        dot.vload([i * TILE + lane * LANES], "int32x16"), w_scale, xs, tile, g, lane, t0 + i)
+                for c in T.vectorized(TILE):
+                    acc[i * TILE + c] = acc[i * TILE + c] + T.Cast(
+                        "float32", dot[i * TILE + c] - offset * xsum[0, t0 + i, g]) * (
+                        T.Cast("float32", w_scale[tile, g, c]) * xs[0, t0 + i, g])
         for i in T.unroll(count):
             for lane in T.unroll(tile_lanes):
                 store(y, bias, residual, t0 + i, tile * TILE + lane * LANES, acc, i * TILE + lane * LANES, False)
@@ -203,19 +205,24 @@ def vnni_matmul(in_features: int, out_features: int, scheme: str, group: int, ti
     def gemm(xq, xs, xsum, weight, w_scale, y, bias, residual, n):
         # whether a block prefetches is decided as the kernel is written, so no branch sits in the inner loop
         for tile in T.parallel(tiles):
-            if n >= PROMPT_MIN:
-                tile_block("vnni_matmul_prompt_first", xq, xs, xsum, weight, w_scale, y, bias, residual, tile, 0,
-                           PROMPT_ROWS, True)
-                for b in range(1, n // PROMPT_ROWS):
-                    tile_block("vnni_matmul_prompt", xq, xs, xsum, weight, w_scale, y, bias, residual, tile,
-                               b * PROMPT_ROWS, PROMPT_ROWS, False)
-                if n % PROMPT_ROWS == 2:
-                    tile_block("vnni_matmul_prompt_rest2", xq, xs, xsum, weight, w_scale, y, bias, residual, tile,
-                               n - 2, 2, False)
-                elif n % PROMPT_ROWS == 1:
-                    tile_block("vnni_matmul_prompt_rest1", xq, xs, xsum, weight, w_scale, y, bias, residual, tile,
-                               n - 1, 1, False)
-            else:  # a serving step (or no rows: its rows all belong to unfinished prompts)
+            if n >= PROMPT_MIN or n < STEP_MIN:
+                if n >= PROMPT_ROWS:
+                    tile_block("vnni_matmul_prompt_first", xq, xs, xsum, weight, w_scale, y, bias, residual, tile,
+                               0, PROMPT_ROWS, True)
+                    for b in range(1, n // PROMPT_ROWS):
+                        tile_block("vnni_matmul_prompt", xq, xs, xsum, weight, w_scale, y, bias, residual, tile,
+                                   b * PROMPT_ROWS, PROMPT_ROWS, False)
+                    if n % PROMPT_ROWS == 2:
+                        tile_block("vnni_matmul_prompt_rest2", xq, xs, xsum, weight, w_scale, y, bias, residual,
+                                   tile, n - 2, 2, False)
+                    elif n % PROMPT_ROWS == 1:
+                        tile_block("vnni_matmul_prompt_rest1", xq, xs, xsum, weight, w_scale, y, bias, residual,
+                                   tile, n - 1, 1, False)
+                elif n == 2:
+                    tile_block("vnni_matmul_two", xq, xs, xsum, weight, w_scale, y, bias, residual, tile, 0, 2, True)
+                elif n == 1:  # and no rows at all (a serving step whose rows all belong to unfinished prompts)
+                    tile_block("vnni_matmul_one", xq, xs, xsum, weight, w_scale, y, bias, residual, tile, 0, 1, True)
+            else:  # a serving step's rows
                 for chunk in range(chunks):
                     for lane in range(tile_lanes):
                         if n >= STEP_ROWS:

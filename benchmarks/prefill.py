@@ -4,7 +4,9 @@
 
 1. The instructions' peak, measured here: a TIR kernel of 12 independent accumulator chains per thread on every
    thread, for fp32 FMA (32 FLOP per zmm instruction), vdpbf16ps (64) and vpdpbusd (128 integer ops); reported
-   with the clock /proc/cpuinfo gives, as FLOP per cycle per core (peak / (threads x clock)).
+   with the clock /proc/cpuinfo gives, as FLOP per cycle per core (peak / (threads x clock)). Where the CPU has
+   VNNI, also the q8/q4 group ceiling: the rate of a group's whole instruction mix (its vpdpbusd, then the float
+   conversion, scale multiply and FMA) with no memory traffic, and the time the 6B's prefill GEMMs would take at it.
 2. Per GEMM at the 6B's width (W_in 4096 x 28672, W_out 20480 x 4096, lm_head 4096 x 50688), for 128 and 512
    rows (prefill) and 2, 4, 8, 16 (batched decode): the kernels of git revision REV (default: before the dot
    products) and of this tree, built in one process and timed round by round (ABAB), ms, GFLOP/s, the share of
@@ -44,6 +46,9 @@ from tvm.script import tirx as T
 
 GEMMS = {"W_in": (4096, 28672), "W_out": (20480, 4096), "lm_head": (4096, 50688)}
 ROWS = (2, 4, 8, 16, 128, 512)
+LAYERS = 28  # the 6B's; W_in and W_out run once a layer, lm_head once
+PREFILL_OPS_PER_TOKEN = 2 * (LAYERS * (GEMMS["W_in"][0] * GEMMS["W_in"][1] + GEMMS["W_out"][0] * GEMMS["W_out"][1])
+                             + GEMMS["lm_head"][0] * GEMMS["lm_head"][1])
 CHAINS, ITERS = 12, 2_000_000
 
 
@@ -90,6 +95,54 @@ def peak_kernel(kind: str, threads: int):
     seconds = time.perf_counter() - start
     per_instruction = {"fma": 32, "vdpbf16ps": 64, "vpdpbusd": 128}[kind]
     return threads * ITERS * CHAINS * per_instruction / seconds
+
+
+def group_ceiling(threads: int) -> float:
+    """The rate of a q8/q4 group's instruction mix, without memory: the VNNI GEMM's prompt shape (3 rows x 4
+    lanes) with its operands in registers. Per row, 16 columns and group of quant.GROUP features: GROUP / 4
+    vpdpbusd, then the int -> float conversion, the scale multiply (w_scale x x_scale) and the accumulating FMA.
+    Measured rather than derived, because which of these share vpdpbusd's pipes is the CPU's business (on Zen 4
+    the multiply and the FMA do, the conversion does not)."""
+    rows, lanes, steps, iters = vnni_gemm.PROMPT_ROWS, 4, quant.GROUP // 4, ITERS // 4
+
+    def dot(acc, step):
+        return T.call_llvm_pure_intrin("int32x16", T.llvm_lookup_intrinsic_id(vnni_gemm.VPDPBUSD), acc,
+                                       T.reinterpret(T.Broadcast(T.uint32(0x01010101 + step), 16), dtype="int8x64"),
+                                       T.reinterpret(T.Broadcast(T.uint32(0x02020202), 16), dtype="int8x64"))
+
+    @T.prim_func(s_tir=True)
+    def main(w_scale: T.Buffer((64, 64), "float32"), x_scale: T.Buffer((64, rows), "float32"),
+             out: T.Buffer((threads, rows * 64), "float32")):
+        T.func_attr({"global_symbol": "main", "tirx.noalias": True})
+        for t in T.parallel(threads):
+            with T.sblock("ceiling"):
+                acc = T.sblock_alloc_buffer((rows * 64,), "float32", scope="local")
+                dots = T.sblock_alloc_buffer((rows * 64,), "int32", scope="local")
+                for c in T.vectorized(rows * 64):
+                    acc[c] = T.float32(0)
+                for g in range(iters):
+                    for c in T.vectorized(rows * 64):
+                        dots[c] = T.Cast("int32", g) + c  # varies by group, as the real dot products do
+                    for step in T.unroll(steps):
+                        for lane in T.unroll(lanes):
+                            for i in T.unroll(rows):
+                                dots[T.ramp(i * 64 + lane * 16, 1, 16)] = dot(
+                                    dots.vload([i * 64 + lane * 16], "int32x16"), step)
+                    for i in T.unroll(rows):
+                        for c in T.vectorized(64):
+                            acc[i * 64 + c] = acc[i * 64 + c] + T.Cast("float32", dots[i * 64 + c]) * (
+                                w_scale[g % 64, c] * x_scale[g % 64, i])
+                for c in T.vectorized(rows * 64):
+                    out[t, c] = acc[c]
+
+    lib = tvm.tirx.build(tvm.IRModule({"main": main}), target=host_target())
+    args = [tvm.runtime.tensor(np.ones((64, 64), np.float32)), tvm.runtime.tensor(np.ones((64, rows), np.float32)),
+            tvm.runtime.empty((threads, rows * 64), "float32")]
+    lib["main"](*args)
+    start = time.perf_counter()
+    lib["main"](*args)
+    seconds = time.perf_counter() - start
+    return threads * iters * rows * lanes * steps * 128 / seconds
 
 
 def clock_ghz() -> float:
@@ -161,11 +214,15 @@ def gemm_rows(args, threads: int, peaks: dict, bandwidth: float) -> list[dict]:
                     ms = 1e3 * float(np.median(times[name]))
                     row[f"{name}_ms"], row[f"{name}_gflops"] = ms, flop / ms / 1e6
                 row["new_share_of_peak"] = row["new_gflops"] * 1e9 / peak
+                if "group_ceiling" in peaks and fmt != "bfloat16":
+                    row["new_share_of_group_ceiling"] = row["new_gflops"] * 1e9 / peaks["group_ceiling"]
                 row["new_x_bound"] = row["new_ms"] / max(row["read_bound_ms"], row["arithmetic_bound_ms"])
                 rows_out.append(row)
                 print(f"{gemm:8s} {fmt:8s} {rows:4d} rows: old {row['old_ms']:8.2f} ms ({row['old_gflops']:4.0f} "
                       f"GFLOP/s)  new {row['new_ms']:8.2f} ms ({row['new_gflops']:4.0f}, "
-                      f"{100 * row['new_share_of_peak']:.0f}% of peak)  bounds: read {row['read_bound_ms']:.2f}, "
+                      f"{100 * row['new_share_of_peak']:.0f}% of peak"
+                      + (f", {100 * row['new_share_of_group_ceiling']:.0f}% of the group ceiling"
+                         if "new_share_of_group_ceiling" in row else "") + f")  bounds: read {row['read_bound_ms']:.2f}, "
                       f"arithmetic {row['arithmetic_bound_ms']:.2f} ms -> {row['new_x_bound']:.2f}x", flush=True)
     return rows_out
 
@@ -257,10 +314,19 @@ def main(argv=None) -> int:
     for kind, rate in peaks.items():
         print(f"  peak {kind:10s} {rate / 1e9:6.0f} G(FL)OP/s = {threads} threads x {ghz:.2f} GHz x "
               f"{rate / threads / ghz / 1e9:.0f} per cycle (measured: 12 chains per thread)")
+    if has_vnni():
+        peaks["group_ceiling"] = group_ceiling(threads)
+        ceiling_s = {n: n * PREFILL_OPS_PER_TOKEN / peaks["group_ceiling"] for n in LENGTHS}
+        print(f"  q8/q4 group ceiling {peaks['group_ceiling'] / 1e9:.0f} GOP/s "
+              f"({100 * peaks['group_ceiling'] / peaks['vpdpbusd']:.0f}% of vpdpbusd's peak: a group's "
+              f"{quant.GROUP // 4} vpdpbusd with its conversion, scale multiply and FMA, operands in registers); "
+              "the 6B's prefill GEMMs at this rate alone take " +
+              ", ".join(f"{ceiling_s[n]:.1f} s for {n} tokens" for n in LENGTHS))
     bandwidth = read_bandwidth() or float("nan")
     print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s")
     result = {"cpu": cpu_model(), "threads": threads, "clock_ghz": ghz,
               "peaks_gflops": {k: v / 1e9 for k, v in peaks.items()}, "read_bandwidth_gb_s": bandwidth / 1e9,
+              "prefill_gemm_ops_per_token": PREFILL_OPS_PER_TOKEN,
               "gemms": [] if args.no_gemms else gemm_rows(args, threads, peaks, bandwidth), "models": []}
     for old, new in zip(args.artifacts[::2], args.artifacts[1::2]):
         print(f"{old} (old kernels) vs {new} (new), {args.rounds} rounds interleaved:")

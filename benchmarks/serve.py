@@ -11,7 +11,11 @@ the token ids of every chunk counted), reporting aggregate generated tokens/s, t
 inter-token latency (p50, p99); with --transformers, the same prompts through transformers' batched generate
 (batch 8, left-padded, greedy; torch in its own process). A decode step reads every weight once whatever the
 batch, so weight bytes / bandwidth bounds a step (the embedding counted whole, though a step reads one row of it),
-and c streams can reach at most c tokens per bound.
+and c streams can reach at most c tokens per bound. A round also prefills its c prompts, so the schedule bound
+c x new tokens / (c x prefill + (new tokens - 1) x decode step), from the single stream's prefill time and ms/token
+measured in the same run, is what any schedule could reach with this artifact's kernels: every prompt is
+prefilled before the last stream's first token, and that stream still needs its decode steps, each at least a
+one-row step.
 """
 
 from __future__ import annotations
@@ -166,6 +170,12 @@ def serve_rounds(args, solo: dict) -> list[dict]:
             server.kill()
 
 
+def schedule_bound(report: dict, streams: int) -> float:
+    """Aggregate tokens/s no schedule can pass with the single stream's prefill and decode rates (module doc)."""
+    solo, new = report["single_stream"], report["new_tokens"]
+    return streams * new / (streams * solo["prefill_s"] + (new - 1) * solo["decode_ms"] / 1e3)
+
+
 def table(report: dict) -> str:
     solo, bound = report["single_stream"], report.get("bound_ms")
     lines = [f"{report['prompt_tokens']}-token prompts, {report['new_tokens']} new tokens, greedy, "
@@ -175,14 +185,15 @@ def table(report: dict) -> str:
     bound_text = f"; read bound {bound:.1f} ms/step at {report['read_bandwidth_gb_s']:.1f} GB/s" if bound else ""
     lines.append(f"single stream (generate): prefill {solo['prefill_s']:.2f} s, decode {solo['decode_ms']:.1f} "
                  f"ms/token ({1e3 / solo['decode_ms']:.1f} tokens/s){bound_text}")
-    lines += ["", "| streams | tokens/s | x one stream | TTFT p50 / p99 ms | ITL p50 / p99 ms | bound tokens/s |",
-              "| --- | --- | --- | --- | --- | --- |"]
+    lines += ["", "| streams | tokens/s | x one stream | TTFT p50 / p99 ms | ITL p50 / p99 ms | bound tokens/s "
+              "| schedule bound tokens/s |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in report["rounds"]:
         itl = f"{r['itl_p50_ms']:.1f} / {r['itl_p99_ms']:.1f}" if r["itl_p50_ms"] is not None else "-"
         ceiling = f"{r['concurrency'] * 1e3 / bound:.1f}" if bound else "-"
         speedup = r["tokens_per_s"] * solo["decode_ms"] / 1e3
         lines.append(f"| {r['concurrency']} | {r['tokens_per_s']:.1f} | {speedup:.2f} "
-                     f"| {r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f} | {itl} | {ceiling} |")
+                     f"| {r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f} | {itl} | {ceiling} "
+                     f"| {schedule_bound(report, r['concurrency']):.1f} |")
     theirs = report.get("transformers")
     if theirs:
         lines.append("\ntransformers generate, batch 8: " + (theirs["error"] if "error" in theirs else
@@ -225,6 +236,8 @@ def main() -> int:
     if "read_bandwidth_gb_s" in report:
         report["bound_ms"] = 1e3 * solo["weight_bytes"] / (report["read_bandwidth_gb_s"] * 1e9)
     report["rounds"] = serve_rounds(args, solo)
+    for r in report["rounds"]:
+        r["schedule_bound_tokens_per_s"] = schedule_bound(report, r["concurrency"])
     if args.transformers:
         report["transformers"] = in_child(args, "transformers", args.transformers_python)
     print(table(report))

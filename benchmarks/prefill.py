@@ -222,8 +222,9 @@ def gemm_rows(args, threads: int, peaks: dict, bandwidth: float) -> list[dict]:
                       f"GFLOP/s)  new {row['new_ms']:8.2f} ms ({row['new_gflops']:4.0f}, "
                       f"{100 * row['new_share_of_peak']:.0f}% of peak"
                       + (f", {100 * row['new_share_of_group_ceiling']:.0f}% of the group ceiling"
-                         if "new_share_of_group_ceiling" in row else "") + f")  bounds: read {row['read_bound_ms']:.2f}, "
-                      f"arithmetic {row['arithmetic_bound_ms']:.2f} ms -> {row['new_x_bound']:.2f}x", flush=True)
+                         if "new_share_of_group_ceiling" in row else "")
+                      + f")  bounds: read {row['read_bound_ms']:.2f}, arithmetic {row['arithmetic_bound_ms']:.2f} ms "
+                      f"-> {row['new_x_bound']:.2f}x", flush=True)
     return rows_out
 
 

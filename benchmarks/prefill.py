@@ -87,14 +87,18 @@ def peak_kernel(kind: str, threads: int):
                     for c in T.vectorized(CHAINS * 16):
                         out[t, c] = acc[c]
 
-    lib = tvm.tirx.build(tvm.IRModule({"main": main}), target=host_target())
-    out = tvm.runtime.empty((threads, CHAINS * 16), vec.split("x")[0])
-    lib["main"](out)
-    start = time.perf_counter()
-    lib["main"](out)
-    seconds = time.perf_counter() - start
     per_instruction = {"fma": 32, "vdpbf16ps": 64, "vpdpbusd": 128}[kind]
-    return threads * ITERS * CHAINS * per_instruction / seconds
+    return rate(main, [tvm.runtime.empty((threads, CHAINS * 16), vec.split("x")[0])],
+                threads * ITERS * CHAINS * per_instruction)
+
+
+def rate(func, args: list, ops: float) -> float:
+    """ops per second of one call of func (built for this CPU) after a first call."""
+    lib = tvm.tirx.build(tvm.IRModule({"main": func}), target=host_target())
+    lib["main"](*args)
+    start = time.perf_counter()
+    lib["main"](*args)
+    return ops / (time.perf_counter() - start)
 
 
 def group_ceiling(threads: int) -> float:
@@ -135,14 +139,9 @@ def group_ceiling(threads: int) -> float:
                 for c in T.vectorized(rows * 64):
                     out[t, c] = acc[c]
 
-    lib = tvm.tirx.build(tvm.IRModule({"main": main}), target=host_target())
     args = [tvm.runtime.tensor(np.ones((64, 64), np.float32)), tvm.runtime.tensor(np.ones((64, rows), np.float32)),
             tvm.runtime.empty((threads, rows * 64), "float32")]
-    lib["main"](*args)
-    start = time.perf_counter()
-    lib["main"](*args)
-    seconds = time.perf_counter() - start
-    return threads * iters * rows * lanes * steps * 128 / seconds
+    return rate(main, args, threads * iters * rows * lanes * steps * 128)
 
 
 def clock_ghz() -> float:

@@ -46,8 +46,9 @@ assert STEP_ROWS == 8 and PROMPT_ROWS == 3, "the kernel writes the blocks' remai
 VPDPBUSD = "llvm.x86.avx512.vpdpbusd.512"
 # In a serving step, a group's dot product (an integer of magnitude below 2^22: 32 x 127 x 128 at most) is
 # counted up from the bits of MAGIC = 1.5 x 2^23, so it lands on the bits of the float MAGIC + dot (exactly), and
-# one float subtraction gives the dot product: vcvtdq2ps would take one of the two pipes that also run vpdpbusd
-# and the multiplies, the subtraction runs on the adders (AMD Zen 4). In prompts it ran q4 1-8% slower.
+# one float subtraction gives the dot product; the offset's correction rides in the starting value. (Neither
+# vcvtdq2ps nor the subtraction shares vpdpbusd's pipes on AMD Zen 4: measured, benchmarks/prefill.py's group
+# ceiling.) In prompts it ran q4 1-8% slower than the conversion.
 MAGIC = 12582912.0
 MAGIC_BITS = 0x4B400000
 

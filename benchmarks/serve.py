@@ -199,7 +199,7 @@ def table(report: dict) -> str:
         speedup = r["tokens_per_s"] * solo["decode_ms"] / 1e3
         lines.append(f"| {r['concurrency']} | {r['tokens_per_s']:.1f} | {speedup:.2f} "
                      f"| {r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f} | {itl} | {ceiling} "
-                     f"| {schedule_bound(report, r['concurrency']):.1f} |")
+                     f"| {r['schedule_bound_tokens_per_s']:.1f} |")
     theirs = report.get("transformers")
     if theirs:
         lines.append("\ntransformers generate, batch 8: " + (theirs["error"] if "error" in theirs else

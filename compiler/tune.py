@@ -7,6 +7,8 @@ from pathlib import Path
 
 from gptj_tvm.core.errors import GptjError
 from gptj_tvm.ir import pipeline
+from gptj_tvm.targets.host import cpu_flags
+from gptj_tvm.targets.llvm import target_isa
 from gptj_tvm.targets.resolve import tuning_fingerprint
 
 from .build import export_model, prepare, variant_for
@@ -23,6 +25,10 @@ def tune_model(model_dir, out, options: TuneOptions | None = None, **changes) ->
     if tvm_target.kind.name != "llvm":
         raise GptjError(f"tune knows this host's CPU (--target llvm) only for now, not {options.target!r}: "
                         "compile for it with its default schedules")
+    missing = sorted(target_isa(tvm_target) - cpu_flags())
+    if missing:  # MetaSchedule times every candidate on this CPU
+        raise GptjError(f"tune runs its candidates on this CPU, which lacks {', '.join(missing)} of "
+                        f"--target {options.target!r}: tune on a CPU of that kind")
     buckets = check_buckets(options.prefill_buckets, config)
     mod = pipeline.optimize(export_model(config, dtype, options.fuse_block,
                                          variant_for(tvm_target, dtype, tuned=True), buckets)[0], tvm_target)

@@ -14,6 +14,12 @@ ISA_FLAGS = (
     "avx_vnni", "amx_tile", "amx_bf16", "amx_int8",
     "asimd", "sve", "sve2",
 )
+# How LLVM names the flags whose name differs from /proc/cpuinfo's (targets/llvm.target_isa)
+LLVM_FEATURE = {
+    "sse4_2": "sse4.2", "avx512_vbmi2": "avx512vbmi2", "avx512_vnni": "avx512vnni", "avx512_bf16": "avx512bf16",
+    "avx512_fp16": "avx512fp16", "avx512_bitalg": "avx512bitalg", "avx512_vpopcntdq": "avx512vpopcntdq",
+    "avx_vnni": "avxvnni", "amx_tile": "amx-tile", "amx_bf16": "amx-bf16", "amx_int8": "amx-int8", "asimd": "neon",
+}
 
 
 @lru_cache(maxsize=1)
@@ -56,12 +62,11 @@ def cpu_fingerprint() -> dict:
     return {"cpu": cpu_model(), "machine": platform.machine(), "isa": isa_features()}
 
 
-def has_vnni() -> bool:
-    """AVX-512 VNNI (vpdpbusd on 512-bit registers): the quantized GEMMs' integer dot products."""
-    return {"avx512f", "avx512_vnni"} <= cpu_flags()
+def has_vnni(isa=None) -> bool:
+    """AVX-512 VNNI (vpdpbusd on 512-bit registers) in isa (default: this CPU's flags)."""
+    return {"avx512f", "avx512_vnni"} <= (cpu_flags() if isa is None else set(isa))
 
 
-def has_avx512_bf16() -> bool:
-    """AVX512_BF16 (vdpbf16ps on 512-bit registers): the bfloat16 pair GEMMs' dot products."""
-    return {"avx512f", "avx512_bf16"} <= cpu_flags()
-
+def has_avx512_bf16(isa=None) -> bool:
+    """AVX512_BF16 (vdpbf16ps on 512-bit registers) in isa (default: this CPU's flags)."""
+    return {"avx512f", "avx512_bf16"} <= (cpu_flags() if isa is None else set(isa))

@@ -14,13 +14,15 @@ KNOWN = ("llvm", "cuda", "vulkan")
 
 
 def resolve_target(name: str, arch: str | None = None) -> tvm.target.Target:
-    kind = name.split()[0] if name else ""
+    kind = name.split()[0] if name and name.split() else ""
     if arch is not None and kind != "cuda":
         raise GptjError(f"--arch is for --target cuda, not {name!r}")
-    if kind == "llvm":
-        from .llvm import host_target
+    if kind == "llvm":  # this host's CPU, or the -mcpu / -mattr given
+        from .llvm import parse_cpu_target
 
-        return host_target()
+        return parse_cpu_target(name)
+    if kind in ("cuda", "vulkan") and len(name.split()) > 1:
+        raise GptjError(f"--target {name!r}: options are for llvm targets (llvm -mcpu=NAME -mattr=+F,-F)")
     if kind == "cuda":
         from .cuda import cuda_target
 

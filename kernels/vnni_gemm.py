@@ -93,21 +93,7 @@ def vnni_matmul(in_features: int, out_features: int, scheme: str, group: int, ti
             T.Cast("float32x16", w_scale.vload([tile, g, lane * LANES], "float16x16"))
             * T.Broadcast(xs[0, t, g], LANES))
 
-    @T.macro
-    def store(y, bias, residual, t, col, acc, a0, partial):
-        """y[t, col .. col + 16] = acc[a0 ..], + bias, + residual unless `partial` (a chunk before the last)."""
-        if bias is None:  # decided as the kernel is written (a Python condition)
-            for c in T.vectorized(LANES):
-                y[0, t, col + c] = acc[a0 + c]
-        elif partial:
-            for c in T.vectorized(LANES):
-                y[0, t, col + c] = acc[a0 + c]
-        elif residual is None:
-            for c in T.vectorized(LANES):
-                y[0, t, col + c] = acc[a0 + c] + bias[col + c]
-        else:  # the order of the graph's own adds: (x W + b) + h
-            for c in T.vectorized(LANES):
-                y[0, t, col + c] = (acc[a0 + c] + bias[col + c]) + residual[0, t, col + c]
+    store = store_macro(LANES)
 
     @T.macro
     def lane_rows(xq, xs, xsum, weight, w_scale, y, bias, residual, tile, lane, chunk, t0, count, streams):
@@ -246,7 +232,34 @@ def vnni_matmul(in_features: int, out_features: int, scheme: str, group: int, ti
                             step_rest(xq, xs, xsum, weight, w_scale, y, bias, residual, tile, lane, chunk, 0, n,
                                       True)
 
-    # one entry per signature (TVMScript has no optional parameters); the body is gemm's
+    return entry_points(gemm, K, N, G, tiles, rows, TILE, bias, residual)
+
+
+def store_macro(lanes: int):
+    """The int8 GEMMs' write of `lanes` columns of y: store(y, bias, residual, t, col, acc, a0, partial) sets
+    y[t, col .. col + lanes] = acc[a0 ..], + bias, + residual unless `partial` (a chunk of K before the last)."""
+
+    @T.macro
+    def store(y, bias, residual, t, col, acc, a0, partial):
+        if bias is None:  # decided as the kernel is written (a Python condition)
+            for c in T.vectorized(lanes):
+                y[0, t, col + c] = acc[a0 + c]
+        elif partial:
+            for c in T.vectorized(lanes):
+                y[0, t, col + c] = acc[a0 + c]
+        elif residual is None:
+            for c in T.vectorized(lanes):
+                y[0, t, col + c] = acc[a0 + c] + bias[col + c]
+        else:  # the order of the graph's own adds: (x W + b) + h
+            for c in T.vectorized(lanes):
+                y[0, t, col + c] = (acc[a0 + c] + bias[col + c]) + residual[0, t, col + c]
+
+    return store
+
+
+def entry_points(gemm, K: int, N: int, G: int, tiles: int, rows: int, TILE: int, bias: bool, residual: bool):
+    """The int8 GEMMs' prim_func for their signature, with `gemm(xq, xs, xsum, weight, w_scale, y, bias,
+    residual, n)` as its body: one entry per signature, since TVMScript has no optional parameters."""
     if residual:
         @T.prim_func(private=True, s_tir=True)
         def with_residual(var_xq: T.handle, var_xs: T.handle, var_xsum: T.handle,

@@ -1,6 +1,10 @@
-"""The hand-written x86 GEMM (kernels/vnni_gemm.py) against integer numpy, exactly."""
+"""The hand-written x86 int8 GEMMs (kernels/vnni_gemm.py on AVX-512 VNNI, kernels/ymm_gemm.py on AVX-VNNI and
+AVX2) against integer numpy, exactly. Each runs where this CPU has its instructions; elsewhere it is compiled
+for a CPU that has them, and its code checked for them (no test asks this CPU for an instruction it lacks)."""
 
 from __future__ import annotations
+
+import re
 
 import ml_dtypes
 import numpy as np
@@ -9,15 +13,30 @@ import tvm
 
 from gptj_tvm.frontend.layouts import quantized as quantization
 from gptj_tvm.kernels.vnni_gemm import quantize_activations, vnni_matmul
-from gptj_tvm.targets.host import has_vnni
-from gptj_tvm.targets.llvm import host_target
+from gptj_tvm.kernels.ymm_gemm import ymm_matmul
+from gptj_tvm.targets.host import cpu_flags
+from gptj_tvm.targets.llvm import cpu_target, host_target
 
 LEVELS = {"q8": (-128, 127), "q4": (-8, 7)}  # every level the stored bytes / nibbles can hold
 GROUP = quantization.GROUP
 
 
-def build(func):
-    return tvm.tirx.build(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=host_target())
+def build(func, target=None):
+    return tvm.tirx.build(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
+                          target=target or host_target())
+
+
+# each int8 dot product: a CPU that has it, and the instruction its code must hold (as a regular expression)
+ISAS = {"avx512-vnni": ("sapphirerapids", r"\svpdpbusd\s[^\n]*%zmm"),
+        "avx-vnni": ("alderlake", r"\{vex\}\s+vpdpbusd\s[^\n]*%ymm"), "avx2": ("haswell", r"\svpmaddubsw\s[^\n]*%ymm")}
+
+
+def int8_kernel(isa, *spec, **epilogue):
+    return vnni_matmul(*spec, **epilogue) if isa == "avx512-vnni" else ymm_matmul(*spec, isa, **epilogue)
+
+
+def host_runs(isa: str) -> bool:
+    return set(quantization.INT8_DOTS[isa]) <= cpu_flags()
 
 
 # A serving step of 4 to 31 rows runs one 16-column lane at a time, in blocks of 8 rows and their remainders as
@@ -26,18 +45,18 @@ def build(func):
 # blocks of 3 rows and a remainder of 1 or 2 (1, 2, 3, 32, 35, 128). Quantized weights hold whole groups and
 # tiles (check_shape refuses others), so k and n are multiples of 32 and 64 here.
 # The bias (W_in, lm_head) and the bias and residual (the fused block's W_out) are added as y is written.
-@pytest.mark.skipif(not has_vnni(), reason="this CPU has no AVX-512 VNNI")
 @pytest.mark.parametrize("k,rows,epilogue", [
     (128, 1, ()), (128, 2, ()), (128, 3, ()), (128, 5, ()), (128, 7, ()), (128, 8, ()), (128, 13, ()), (128, 22, ()),
     (128, 32, ()), (128, 128, ()), (128, 1, ("bias",)), (1088, 5, ("bias", "residual")), (1088, 13, ("bias",)),
     (1088, 35, ("bias", "residual")), (128, 13, ("bias",)), (128, 2, ("bias", "residual")),
     (128, 8, ("bias", "residual"))])
 @pytest.mark.parametrize("scheme", ["q8", "q4"])
-def test_vnni_kernel_is_exact(scheme, k, rows, epilogue):
-    """The VNNI GEMM against numpy: each group's integer dot product x_q . q (exact, in int64), then in group
-    order acc += dot * (w_scale * x_scale) in float32, the product of the scales rounded and the rest one fused
-    multiply-add (LLVM contracts it; float64 holds the exact product and sum before the one rounding): the same
-    bits."""
+@pytest.mark.parametrize("isa", [isa for isa in ISAS if host_runs(isa)])
+def test_int8_kernel_is_exact(isa, scheme, k, rows, epilogue):
+    """Each int8 GEMM this CPU runs against numpy: each group's integer dot product x_q . q (exact, in int64),
+    then in group order acc += dot * (w_scale * x_scale) in float32, the product of the scales rounded and the
+    rest one fused multiply-add (LLVM contracts it; float64 holds the exact product and sum before the one
+    rounding): the same bits. The levels include -128 (q8's stored 0), which AVX2's sign trick must hold."""
     n = 192
     rng = np.random.default_rng(rows)
     levels = rng.integers(LEVELS[scheme][0], LEVELS[scheme][1] + 1, size=(k, n)).astype(np.int8)
@@ -55,13 +74,24 @@ def test_vnni_kernel_is_exact(scheme, k, rows, epilogue):
              for name in epilogue]
     for term in extra:  # the graph's order: (x W + b) + h
         expected = expected + term.reshape(-1, n)
-    lib = build(vnni_matmul(k, n, scheme, GROUP, quantization.TILE, quantization.OFFSET[scheme],
+    lib = build(int8_kernel(isa, k, n, scheme, GROUP, quantization.TILE, quantization.OFFSET[scheme],
                             bias="bias" in epilogue, residual="residual" in epilogue))
     args = [tvm.runtime.tensor(a) for a in (x_q, x_scale, x_sum, quantization.pack(levels, scheme),
                                             quantization.tiled(w_scale), *extra)]
     out = tvm.runtime.empty((1, rows, n), "float32")
     lib["main"](*args, out)
     np.testing.assert_array_equal(out.numpy()[0], expected)
+
+
+@pytest.mark.parametrize("scheme", ["q8", "q4"])
+@pytest.mark.parametrize("isa", ISAS)
+def test_int8_kernels_compile_for_a_cpu_with_their_instructions(isa, scheme):
+    """Every kernel builds for a CPU that has its instructions, whatever this one has, and uses them (its
+    numbers are tested above where this CPU runs it; AVX2 runs on every x86 CPU)."""
+    cpu, instruction = ISAS[isa]
+    spec = (256, 128, scheme, GROUP, quantization.TILE, quantization.OFFSET[scheme])
+    assembly = build(int8_kernel(isa, *spec, bias=True), cpu_target(cpu)).inspect_source("asm")
+    assert re.search(instruction, assembly)
 
 
 @pytest.mark.parametrize("rows", [1, 5])

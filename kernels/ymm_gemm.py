@@ -1,0 +1,179 @@
+"""The q8/q4 GEMM on 256-bit integer dot products, for x86 CPUs without AVX-512 VNNI, written in TIR:
+- "avx-vnni" (Alder Lake and later Intel, Zen 5): the VEX-encoded `vpdpbusd` on ymm, one instruction per 32
+  weight bytes, the levels unsigned as stored and the offset taken back out per group (as kernels/vnni_gemm.py);
+- "avx2" (every x86-64 CPU since Haswell): `vpmaddubsw` (unsigned x signed bytes, adjacent pairs summed to
+  saturating int16) and `vpmaddwd` against ones (pairs of int16 summed to int32), as ggml's q4_0 x q8_0 dot.
+  A stored q8 level (q + 128, up to 255) times an int8 input can pass int16 in a pair, so q8 runs signed: the
+  byte XOR 0x80 is q, `vpsignb` moves q's sign onto x, and q's magnitude (`vpsignb` of q by itself: 128 for
+  -128, read unsigned) goes in the unsigned operand, at most 2 x 128 x 127 < 2^15 a pair. A q4 nibble (0..15) is
+  unsigned as stored: a pair is at most 2 x 15 x 127, so a group's eight `vpmaddubsw` are summed in int16 (at
+  most 16 x 15 x 127 < 2^15) and widened by one `vpmaddwd`, and the offset comes out with the group's x_sum.
+
+Same stored layout, input quantizer (kernels/vnni_gemm.quantize_activations) and math as vnni_matmul: each
+group's integer dot product is exact, and y[t, c] = sum over groups, in group order, of dot * (w_scale *
+x_scale) in float32, so every ISA gives the same bits, in every block shape.
+
+One task per column tile of TILE outputs; K in chunks of CHUNK_GROUPS groups (the sum goes on in y), so the
+chunk's weights stay in cache while every row block passes over them. Sixteen ymm registers hold a block's
+accumulators and dot products: decode's 1 to 3 rows run a row at a time over half the tile (4 vectors of 8
+columns: two whole cache lines of each 256-byte row of levels), more rows run one 8-column vector at a time in
+blocks of ROWS rows, each weight load (and its unpacking) shared by the block's rows. The first block of each
+pass asks for its lines one chunk further on (into L2), as the other weight-streaming kernels do.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from tvm.script import tirx as T
+
+from .common import WEIGHT_PREFETCH_LOCALITY, prefetch
+from .vnni_gemm import entry_points, store_macro
+
+ISAS = ("avx-vnni", "avx2")
+LANES = 8  # 32-bit lanes of a 256-bit register: 8 columns x 4 input features = 32 weight bytes
+ROWS = 4  # rows per block from STEP_MIN rows: 4 x (acc + dot) of the 16 ymm registers
+DECODE_VECTORS = 2  # 8-column vectors per pass for fewer rows: one cache line of each 256-byte row of levels
+STEP_MIN = 4
+CHUNK_GROUPS = 16
+VPDPBUSD = "llvm.x86.avx512.vpdpbusd.256"  # LLVM selects the VEX form on a target with avxvnni
+PMADDUBSW = "llvm.x86.avx2.pmadd.ub.sw"
+PMADDWD = "llvm.x86.avx2.pmadd.wd"
+PSIGNB = "llvm.x86.avx2.psign.b"
+
+
+@functools.cache  # the frontend asks once per call site; writing the TVMScript takes up to a second
+def ymm_matmul(in_features: int, out_features: int, scheme: str, group: int, tile: int, offset: int, isa: str,
+               bias: bool = False, residual: bool = False):
+    """vnni_matmul's signature and result ((x_q, x_scale, x_sum, weight, w_scale[, bias[, residual]]) -> y
+    [1, n, N] float32) on `isa`'s 256-bit dot products."""
+    if isa not in ISAS:
+        raise ValueError(f"unknown 256-bit int8 dot product {isa!r}: one of {', '.join(ISAS)}")
+    if residual and not bias:
+        raise ValueError("a residual comes with a bias (the fused block's W_out)")
+    GROUP, TILE = group, tile
+    K, N, G = in_features, out_features, in_features // GROUP
+    tiles, tile_vectors = N // TILE, TILE // LANES
+    q4 = scheme == "q4"
+    rows = K // 8 if q4 else K // 4
+    group_rows = GROUP // 8 if q4 else GROUP // 4
+    chunks = (G + CHUNK_GROUPS - 1) // CHUNK_GROUPS
+    chunk_rows = CHUNK_GROUPS * group_rows
+    if isa == "avx2" and q4 and group_rows * 2 * 2 * 15 * 127 >= 2 ** 15:
+        raise ValueError(f"groups of {group} can overflow q4's int16 sums")
+
+    def x_quad(xq, t, k):
+        """x_q[t, k .. k + 4] in each 32-bit lane, as 32 bytes."""
+        return T.reinterpret(T.Broadcast(T.reinterpret(xq.vload([0, t, k], "int8x4"), dtype="int32"), LANES),
+                             dtype="int8x32")
+
+    def levels(weight, tile, row, vector, shift):
+        """32 bytes of stored levels: q8's, or q4's low (shift 0) or high (shift 4) nibbles."""
+        packed = weight.vload([tile, row, vector * LANES, 0], "uint8x32")
+        if shift:
+            packed = T.shift_right(packed, T.Broadcast(T.uint8(shift), 32))
+        return T.bitwise_and(packed, T.Broadcast(T.uint8(15), 32)) if q4 else packed
+
+    def pairs_to_int32(pairs):
+        return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(PMADDWD), pairs, T.Broadcast(T.int16(1), 16),
+                                       dtype="int32x8")
+
+    def group_dot(xq, xsum, weight, tile, g, vector, t):
+        """The group's exact integer dot product of row t with the vector's 8 columns, as one expression (LLVM
+        keeps it in registers and shares the weight loads and unpacking between a block's rows)."""
+        parts = [(g * group_rows + step, g * GROUP + step * (8 if q4 else 4) + half * 4, half * 4)
+                 for step in range(group_rows) for half in ((0, 1) if q4 else (0,))]
+        if isa == "avx-vnni":
+            dot = T.Broadcast(xsum[0, t, g] * (-offset), LANES)
+            for row, k, shift in parts:
+                dot = T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(VPDPBUSD), dot,
+                                              levels(weight, tile, row, vector, shift), x_quad(xq, t, k),
+                                              dtype="int32x8")
+            return dot
+        if q4:  # int16 sums of the unsigned nibbles times x, widened once
+            pairs = None
+            for row, k, shift in parts:
+                term = T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(PMADDUBSW),
+                                               levels(weight, tile, row, vector, shift), x_quad(xq, t, k),
+                                               dtype="int16x16")
+                pairs = term if pairs is None else pairs + term
+            return pairs_to_int32(pairs) - T.Broadcast(xsum[0, t, g] * offset, LANES)
+        dot = None
+        for row, k, _ in parts:
+            signed = T.reinterpret(T.bitwise_xor(levels(weight, tile, row, vector, 0), T.Broadcast(T.uint8(128), 32)),
+                                   dtype="int8x32")
+            magnitude = T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(PSIGNB), signed, signed, dtype="int8x32")
+            x_signed = T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(PSIGNB), x_quad(xq, t, k), signed,
+                                               dtype="int8x32")
+            term = pairs_to_int32(T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(PMADDUBSW), magnitude, x_signed,
+                                                          dtype="int16x16"))
+            dot = term if dot is None else dot + term
+        return dot
+
+    store = store_macro(LANES)
+
+    @T.macro
+    def block_rows(xq, xs, xsum, weight, w_scale, y, bias, residual, tile, v0, vectors, chunk, t0, count, streams):
+        """y[t0 .. t0 + count, vectors v0 .. v0 + vectors of the tile] over chunk `chunk`'s groups."""
+        acc = T.sblock_alloc_buffer((count * vectors * LANES,), "float32", scope="local")
+        for i in T.unroll(count):
+            for v in T.unroll(vectors):
+                if chunk == 0:
+                    for c in T.vectorized(LANES):
+                        acc[(i * vectors + v) * LANES + c] = T.float32(0)
+                else:
+                    for c in T.vectorized(LANES):
+                        acc[(i * vectors + v) * LANES + c] = y[0, t0 + i, tile * TILE + (v0 + v) * LANES + c]
+        for g in range(chunk * CHUNK_GROUPS, T.min(chunk * CHUNK_GROUPS + CHUNK_GROUPS, G)):
+            if streams:  # one chunk on: this pass's next turn (past the tile: the next tile, or harmless)
+                for step in T.unroll(group_rows):
+                    for line in T.unroll((vectors * LANES * 4 + 63) // 64):
+                        prefetch(weight[tile, g * group_rows + step + chunk_rows, v0 * LANES + line * 16, 0],
+                                 WEIGHT_PREFETCH_LOCALITY)
+            for i in T.unroll(count):
+                for v in T.unroll(vectors):
+                    acc[T.ramp((i * vectors + v) * LANES, 1, LANES)] = acc.vload(
+                        [(i * vectors + v) * LANES], "float32x8") + T.Cast(
+                        "float32x8", group_dot(xq, xsum, weight, tile, g, v0 + v, t0 + i)) * (
+                        T.Cast("float32x8", w_scale.vload([tile, g, (v0 + v) * LANES], "float16x8"))
+                        * T.Broadcast(xs[0, t0 + i, g], LANES))
+        for i in T.unroll(count):
+            for v in T.unroll(vectors):
+                store(y, bias, residual, t0 + i, tile * TILE + (v0 + v) * LANES, acc, (i * vectors + v) * LANES,
+                      chunk < chunks - 1)
+
+    @T.macro
+    def block(name, xq, xs, xsum, weight, w_scale, y, bias, residual, tile, v0, vectors, chunk, t0, count,
+              streams):
+        with T.sblock(name):
+            T.reads(xq[0, t0:t0 + count, 0:K], xs[0, t0:t0 + count, 0:G], xsum[0, t0:t0 + count, 0:G],
+                    weight[tile, 0:rows, 0:TILE, 0:4], w_scale[tile, 0:G, 0:TILE],
+                    y[0, t0:t0 + count, tile * TILE:tile * TILE + TILE])
+            T.writes(y[0, t0:t0 + count, tile * TILE:tile * TILE + TILE])
+            block_rows(xq, xs, xsum, weight, w_scale, y, bias, residual, tile, v0, vectors, chunk, t0, count,
+                       streams)
+
+    @T.macro
+    def gemm(xq, xs, xsum, weight, w_scale, y, bias, residual, n):
+        for tile in T.parallel(tiles):
+            for chunk in range(chunks):
+                if n < STEP_MIN:  # decode: a row at a time over half the tile (and no rows at all)
+                    for half in range(tile_vectors // DECODE_VECTORS):
+                        for t in range(n):
+                            block("ymm_matmul_decode", xq, xs, xsum, weight, w_scale, y, bias, residual, tile,
+                                  half * DECODE_VECTORS, DECODE_VECTORS, chunk, t, 1, True)
+                else:
+                    for v in range(tile_vectors):
+                        block("ymm_matmul_first", xq, xs, xsum, weight, w_scale, y, bias, residual, tile, v, 1,
+                              chunk, 0, ROWS, True)
+                        for b in range(1, n // ROWS):
+                            block("ymm_matmul", xq, xs, xsum, weight, w_scale, y, bias, residual, tile, v, 1,
+                                  chunk, b * ROWS, ROWS, False)
+                        if n % ROWS >= 2:
+                            block("ymm_matmul_rest2", xq, xs, xsum, weight, w_scale, y, bias, residual, tile, v, 1,
+                                  chunk, n // ROWS * ROWS, 2, False)
+                        if n % 2 == 1:
+                            block("ymm_matmul_rest1", xq, xs, xsum, weight, w_scale, y, bias, residual, tile, v, 1,
+                                  chunk, n - 1, 1, False)
+
+    return entry_points(gemm, K, N, G, tiles, rows, TILE, bias, residual)

@@ -11,35 +11,66 @@ import tvm
 from gptj_tvm.core.errors import GptjError
 from gptj_tvm.frontend.checkpoint_files import CheckpointFiles
 from gptj_tvm.frontend.config import DTYPES, GPTJConfig
-from gptj_tvm.frontend.layouts import LM_HEAD, LayoutPlan, check_scheme
+from gptj_tvm.frontend.layouts import INT8_DOTS, LM_HEAD, LayoutPlan, check_scheme
 from gptj_tvm.ir import pipeline
 from gptj_tvm.schedules.database import TuningDatabase
 from gptj_tvm.schedules.default import schedule_kernels
 from gptj_tvm.targets import cuda, vulkan
-from gptj_tvm.targets.host import has_avx512_bf16, has_vnni
+from gptj_tvm.targets.host import has_avx512_bf16
+from gptj_tvm.targets.llvm import target_isa
 from gptj_tvm.targets.resolve import is_gpu, resolve_target, tuning_fingerprint
 
 from .options import CPU, GPU, BuildOptions, Variant
 
 
 def variant_for(target: tvm.target.Target, dtype: str = "float32", tuned: bool = False,
-                quantization: str | None = None, vnni: bool | None = None, bf16_dot: bool | None = None) -> Variant:
-    """The graph a target runs. A CPU's bfloat16 GEMMs read column pairs (kernels/pair_gemm.py), except with a
-    tuning database (`tuned`): MetaSchedule tunes the column-tile GEMMs, which the hand-written pair kernels
-    leave it nothing to tune in. Quantized blocks (CPU only) take q8 or q4 and lm_head q8; their GEMMs run on
-    VNNI dot products where `vnni`, and bfloat16 pair GEMMs on vdpbf16ps where `bf16_dot` (default: where this
-    CPU has them; the artifact then needs a CPU that has them, as it needs every ISA feature of its host)."""
+                quantization: str | None = None, int8_dot: str | None = None,
+                bf16_dot: bool | None = None) -> Variant:
+    """The graph a target runs, its GEMMs chosen by the target's ISA features (targets/llvm.target_isa), not the
+    host's. A CPU's bfloat16 GEMMs read column pairs (kernels/pair_gemm.py), except with a tuning database
+    (`tuned`): MetaSchedule tunes the column-tile GEMMs, which the hand-written pair kernels leave it nothing to
+    tune in. Quantized blocks (CPU only) take q8 or q4 and lm_head q8; their GEMMs run on `int8_dot` (one of
+    INT8_DOTS, "float32" to widen the levels; default: the best the target has), and bfloat16 pair GEMMs on
+    vdpbf16ps where `bf16_dot` (default: where the target has AVX512_BF16). Asking for an instruction the target
+    lacks is an error here, before LLVM sees it."""
     if is_gpu(target):
         if quantization is not None:
             raise GptjError(f"--quantization is for CPU artifacts (--target llvm) for now, not {target.kind.name!r}")
         return GPU
+    isa = target_isa(target)
     if quantization is not None:
         check_scheme(quantization)
-        return Variant(layouts=LayoutPlan(quantization, LM_HEAD, has_vnni() if vnni is None else vnni))
+        return Variant(layouts=LayoutPlan(quantization, LM_HEAD, choose_int8_dot(target, isa, int8_dot)))
     if dtype == "bfloat16" and not tuned:
-        dot = has_avx512_bf16() if bf16_dot is None else bf16_dot
-        return Variant(layouts=LayoutPlan("column-pairs", "column-pairs", bf16_dot=dot))
+        if bf16_dot and not has_avx512_bf16(isa):
+            raise GptjError(f"vdpbf16ps needs AVX512_BF16, which the target ({describe_cpu(target)}) lacks")
+        dot = has_avx512_bf16(isa) if bf16_dot is None else bf16_dot
+        return Variant(layouts=LayoutPlan("column-pairs", "column-pairs", bf16_dot=dot,
+                                          vector_bits=512 if "avx512f" in isa else 256))
     return CPU
+
+
+QUANTIZED_GEMMS = (*INT8_DOTS, "float32")  # what --quantized-gemm takes
+
+
+def choose_int8_dot(target: tvm.target.Target, isa: frozenset[str], asked: str | None) -> str:
+    """The plan's int8_dot for `asked` (None: the best INT8_DOTS the target has; "float32": "", widening)."""
+    if asked == "float32":
+        return ""
+    if asked is None:
+        return next((name for name, needs in INT8_DOTS.items() if set(needs) <= isa), "")
+    if asked not in INT8_DOTS:
+        raise GptjError(f"unknown quantized GEMM {asked!r}: choose one of {', '.join(QUANTIZED_GEMMS)}")
+    missing = [flag for flag in INT8_DOTS[asked] if flag not in isa]
+    if missing:
+        raise GptjError(f"the {asked} GEMM needs {', '.join(missing)}, which the target ({describe_cpu(target)}) "
+                        "lacks: pick another --quantized-gemm or a --target with it")
+    return asked
+
+
+def describe_cpu(target: tvm.target.Target) -> str:
+    mattr = ",".join(str(a) for a in target.attrs.get("mattr", []))
+    return f"-mcpu={target.attrs.get('mcpu', '?')}" + (f" -mattr={mattr}" if mattr else "")
 
 
 def export_model(config: GPTJConfig, dtype: str, fuse_block: bool = True, variant: Variant = CPU,

@@ -21,7 +21,7 @@ from gptj_tvm.frontend.weights import Checkpoint
 from gptj_tvm.runtime import artifact
 from gptj_tvm.runtime.artifact import ArtifactMetadata
 from gptj_tvm.targets import vulkan
-from gptj_tvm.targets.host import isa_features
+from gptj_tvm.targets.llvm import target_isa
 from gptj_tvm.targets.resolve import device_name, is_gpu
 
 from .build import build_library, open_tuning_db, prepare, variant_for
@@ -38,7 +38,7 @@ def compile_model(model_dir, out_dir, options: CompileOptions | None = None, **c
     out_dir = Path(out_dir)
     model_dir, config, dtype, tvm_target = prepare(model_dir, options)
     tuned, tuned_buckets = open_tuning_db(options.tuning_db, tvm_target, dtype) if options.tuning_db else (None, ())
-    variant = variant_for(tvm_target, dtype, tuned is not None, options.quantization, options.vnni,
+    variant = variant_for(tvm_target, dtype, tuned is not None, options.quantization, options.quantized_gemm,
                           options.bf16_dot)
     if options.variant is not None:
         variant = dataclasses.replace(options.variant, layouts=variant.layouts) if options.quantization \
@@ -80,7 +80,7 @@ def compile_model(model_dir, out_dir, options: CompileOptions | None = None, **c
             tuning_db=str(options.tuning_db) if tuned is not None else None,
             # what compile read: weight format, files, dtype, buffers ignored; the tokenizer's files
             source={**(checkpoint.summary() if checkpoint else {}), "tokenizer": tokenizer_info},
-            host_isa=isa_features() if device == "cpu" else [])
+            host_isa=sorted(target_isa(tvm_target)) if device == "cpu" else [])
         files = None
         if checkpoint is not None:
             files, timings["weights_s"] = write_weights(checkpoint, meta, staging, options.progress)

@@ -39,8 +39,8 @@ class BuildOptions:
 class CompileOptions(BuildOptions):
     tuning_db: str | None = None  # a database from `gptj-tvm tune`
     quantization: str | None = None  # q8, q4 (CPU targets)
-    vnni: bool | None = None  # quantized GEMMs on VNNI dot products; None: where this CPU has them
-    bf16_dot: bool | None = None  # bfloat16 pair GEMMs on vdpbf16ps; None: where this CPU has AVX512_BF16
+    quantized_gemm: str | None = None  # INT8_DOTS or "float32"; None: the best the target has
+    bf16_dot: bool | None = None  # bfloat16 pair GEMMs on vdpbf16ps; None: where the target has AVX512_BF16
     weights: bool = True  # False: the library only (`convert-weights` adds the weights)
     variant: Variant | None = None  # None: the target's own; tests compile the GPU graph for a CPU
 

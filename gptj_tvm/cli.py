@@ -56,7 +56,7 @@ def cmd_compile(args) -> int:
     from .compiler.options import CompileOptions
 
     options = CompileOptions(**_build_options(args), tuning_db=args.tuning_db, weights=not args.no_weights,
-                             quantization=args.quantization)
+                             quantization=args.quantization, quantized_gemm=args.quantized_gemm)
     meta = compile_model(args.model_dir, args.output, options)
     if args.quiet:
         return 0
@@ -270,9 +270,12 @@ def _add_compile(sub) -> None:
     p.add_argument("model_dir", help="checkpoint folder (config.json, *.safetensors or pytorch_model*.bin, "
                                      "tokenizer files)")
     p.add_argument("-o", "--output", required=True, help="artifact folder to write")
-    _add_build_options(p, "compile", targets="llvm (this host's CPU; default), cuda (NVIDIA GPUs; device code "
-                                              "built here with nvcc) or vulkan (any Vulkan GPU, through WGSL and "
-                                              "wgpu; float32 or float16)",
+    _add_build_options(p, "compile", targets="llvm (this host's CPU; default), 'llvm -mcpu=NAME' (another x86 "
+                                              "CPU, e.g. haswell, znver3, znver4, sapphirerapids; add "
+                                              "-mattr=+F,-F to change features): its ISA picks the kernels, and "
+                                              "the artifact runs on CPUs that have it; cuda (NVIDIA GPUs; device "
+                                              "code built here with nvcc) or vulkan (any Vulkan GPU, through WGSL "
+                                              "and wgpu; float32 or float16)",
                        buckets="prompt lengths with a static prefill function; long prompts are prefilled in "
                                f"chunks of them (default {','.join(map(str, PREFILL_BUCKETS))} for float32/float16 "
                                "CPU artifacts, else none; 'none': one dynamic prefill), plus the tuning database's")
@@ -280,6 +283,10 @@ def _add_compile(sub) -> None:
                    help="weight-only, symmetric, per group of 32 input features with float16 scales: q8 int8 "
                         "levels (8.5 bits per weight), q4 4-bit (4.5 bits); lm_head q8, embedding unquantized; "
                         "CPU targets only")
+    p.add_argument("--quantized-gemm", choices=("avx512-vnni", "avx-vnni", "avx2", "float32"),
+                   help="what q8/q4 GEMMs multiply on: integer dot products (AVX-512 VNNI, AVX-VNNI or AVX2, the "
+                        "input quantized per group to int8) or float32 (levels widened, x exact); default: the "
+                        "best the target has")
     p.add_argument("--no-weights", action="store_true",
                    help="build the library from config.json alone; add the weights later with convert-weights")
     p.add_argument("--tuning-db", help="a database from `gptj-tvm tune`: tuned schedules where it has them "

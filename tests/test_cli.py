@@ -160,6 +160,19 @@ def test_unknown_target(checkpoint, tmp_path, capsys):
     compile_fails(checkpoint("tiny"), tmp_path, capsys, "unknown target", extra=["--target", "tpu"])
 
 
+@pytest.mark.parametrize("target,message", [
+    ("llvm -mcpu=pentium9000", "knows no such CPU"), ("llvm -mattr=avx2", "+NAME or -NAME"),
+    ("llvm -mcpu", "is not -mcpu=NAME"), ("vulkan -mcpu=znver3", "options are for llvm targets")])
+def test_bad_cpu_target(checkpoint, tmp_path, capsys, target, message):
+    compile_fails(checkpoint("tiny"), tmp_path, capsys, message, extra=["--target", target])
+
+
+def test_a_kernel_the_target_cannot_run(checkpoint, tmp_path, capsys):
+    """Asking for AVX-512 VNNI on an AVX2 target is one line before LLVM sees the kernel (it would abort)."""
+    compile_fails(checkpoint("tiny"), tmp_path, capsys, "avx512_vnni", extra=[
+        "--target", "llvm -mcpu=haswell", "--quantization", "q8", "--quantized-gemm", "avx512-vnni"])
+
+
 def test_unknown_dtype(checkpoint, tmp_path, capsys):
     compile_fails(checkpoint("tiny"), tmp_path, capsys, "unknown dtype", extra=["--dtype", "int3"])
 

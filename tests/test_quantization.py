@@ -12,7 +12,10 @@ from safetensors.numpy import save_file
 
 import gptj_tvm
 from gptj_tvm.compiler.compile import compile_model
-from gptj_tvm.targets.host import has_vnni
+from gptj_tvm.compiler.build import QUANTIZED_GEMMS, variant_for
+from gptj_tvm.core.errors import GptjError
+from gptj_tvm.targets.host import cpu_flags
+from gptj_tvm.targets.llvm import host_target, parse_cpu_target, target_isa
 from reference import ReferenceGPTJ, load_checkpoint, rel_max_error
 
 LEVELS = {"q8": (-127, 127), "q4": (-8, 7), "q3": (-4, 3)}  # q3: only to show the agreement bar bites
@@ -85,16 +88,24 @@ class ActivationQuantizedReference(ReferenceGPTJ):
         return super().project(rounded.astype(np.float64), weight)
 
 
+# The int8 GEMM each CPU target gets: the best it has (none: the levels widened to float32)
+BEST_INT8_DOT = {"sapphirerapids": "avx512-vnni", "znver4": "avx512-vnni", "alderlake": "avx-vnni",
+                 "znver3": "avx2", "haswell": "avx2"}
+
+
 @pytest.fixture(scope="session")
 def quantized(tmp_path_factory, checkpoint):
-    """quantized(name, scheme, vnni) -> a loaded q8/q4 artifact; vnni False: the float32 GEMMs."""
+    """quantized(name, scheme, gemm, target) -> a loaded q8/q4 artifact; gemm None: the target's best,
+    "float32": the levels widened."""
     cache = {}
 
-    def make(name: str, scheme: str, vnni: bool = True):
-        key = (name, scheme, vnni)
+    def make(name: str, scheme: str, gemm: str | None = None, target: str = "llvm"):
+        # by the GEMM it compiles to: where AVX2 is the best, "avx2" and None are one artifact
+        key = (name, scheme, variant_for(parse_cpu_target(target), quantization=scheme, int8_dot=gemm), target)
         if key not in cache:
-            folder = tmp_path_factory.mktemp("quantized") / f"{name}-{scheme}-{vnni}"
-            compile_model(checkpoint(name), folder, quantization=scheme, vnni=vnni, progress=False)
+            folder = tmp_path_factory.mktemp("quantized") / f"{name}-{scheme}-{gemm}"
+            compile_model(checkpoint(name), folder, quantization=scheme, quantized_gemm=gemm, target=target,
+                          progress=False)
             cache[key] = gptj_tvm.load(folder)
         return cache[key]
 
@@ -104,22 +115,26 @@ def quantized(tmp_path_factory, checkpoint):
 PROMPT = [464, 10730, 29598, 11, 290, 262, 2068, 7586, 21831, 3, 99, 120, 50256, 17]
 
 
-@pytest.mark.parametrize("vnni", [True, False])
+@pytest.mark.parametrize("gemm", [None, "avx2", "float32"], ids=["best", "avx2", "float32"])
 @pytest.mark.parametrize("scheme", ["q8", "q4"])
 @pytest.mark.parametrize("name", ["tiny", "wide"])
-def test_quantized_kernels_compute_the_dequantized_model(name, scheme, vnni, quantized, checkpoint, tmp_path):
-    if vnni and not has_vnni():
-        pytest.skip("this CPU has no AVX-512 VNNI")  # the float32 GEMMs (vnni=False) are tested everywhere
-    gen = quantized(name, scheme, vnni)
-    assert gen.meta.plan.vnni is vnni
+def test_quantized_kernels_compute_the_dequantized_model(name, scheme, gemm, quantized, checkpoint, tmp_path):
+    """The best int8 GEMM this CPU has, AVX2's (which every x86 CPU runs; where it is the best, the same
+    artifact), and the float32 one."""
+    if gemm == "avx2" and "avx2" not in cpu_flags():
+        pytest.skip("this CPU has no AVX2")
+    gen = quantized(name, scheme, gemm)
+    int8 = gen.meta.plan.int8_dot
+    assert int8 == {"float32": "", None: variant_for(host_target(), quantization=scheme).layouts.int8_dot}.get(
+        gemm, gemm)
     ids = [i % gen.vocab_size for i in PROMPT]
-    reference = ActivationQuantizedReference if vnni else ReferenceGPTJ
+    reference = ActivationQuantizedReference if int8 else ReferenceGPTJ
     expected = reference(dequantized_checkpoint(checkpoint(name), tmp_path / "dq", scheme)).logits(ids)
     # float32 models: what is left is summation order, and (vnni) the odd activation landing on the other side
     # of a rounding boundary, since the model rounds float32 values where the reference has float64 ones: one
     # level of one activation, which the two chaotic random blocks amplify (seen: up to 4.7e-3). The kernel
     # itself is checked exactly in test_vnni_gemm.py.
-    assert rel_max_error(gen.logits(ids), expected) < (2e-2 if vnni else 1e-4)
+    assert rel_max_error(gen.logits(ids), expected) < (2e-2 if int8 else 1e-4)
 
 
 # What the quantization itself costs, against the unquantized model (numpy, float64). q8's levels are within half
@@ -144,14 +159,56 @@ def test_quantized_artifacts_are_smaller(quantized, generator):
     full = weight_bytes(generator("wide"))
     q8, q4 = weight_bytes(quantized("wide", "q8")), weight_bytes(quantized("wide", "q4"))
     assert q4 < q8 < full
-    for vnni, gemm, schedule in ((True, "vnni_matmul", "hand-written"),
-                                 (False, "quantized_matmul", "default CPUQuantMatmul")):
-        if vnni and not has_vnni():
-            continue
-        meta = quantized("wide", "q4", vnni).meta
+    int8_gemm = "vnni_matmul" if quantized("wide", "q4").meta.plan.int8_dot == "avx512-vnni" else "ymm_matmul"
+    for gemm_option, gemm, schedule in ((None, int8_gemm, "hand-written"),
+                                        ("float32", "quantized_matmul", "default CPUQuantMatmul")):
+        meta = quantized("wide", "q4", gemm_option).meta
         assert meta.quantization == "q4"
         gemms = [k for k in meta.kernels if gemm in k]
         assert len(gemms) >= 3 and {meta.kernels[k] for k in gemms} == {schedule}
+
+
+@pytest.mark.parametrize("cpu", BEST_INT8_DOT)
+def test_the_target_not_the_host_decides_the_int8_gemm(cpu):
+    target = parse_cpu_target(f"llvm -mcpu={cpu}")
+    assert variant_for(target, quantization="q8").layouts.int8_dot == BEST_INT8_DOT[cpu]
+    assert variant_for(parse_cpu_target(f"llvm -mcpu={cpu} -mattr=-avx2"), quantization="q4").layouts.int8_dot == ""
+    assert variant_for(target, quantization="q4", int8_dot="float32").layouts.int8_dot == ""
+    if cpu == "haswell":
+        for gemm in ("avx512-vnni", "avx-vnni"):  # an instruction the target lacks: an error before LLVM
+            with pytest.raises(GptjError, match=f"the {gemm} GEMM needs .*which the target .*haswell.* lacks"):
+                variant_for(target, quantization="q8", int8_dot=gemm)
+        with pytest.raises(GptjError, match="vdpbf16ps needs AVX512_BF16"):
+            variant_for(target, "bfloat16", bf16_dot=True)
+    assert set(QUANTIZED_GEMMS) == {*BEST_INT8_DOT.values(), "float32"}
+
+
+def test_compiling_for_another_cpu_records_its_features_and_load_checks_them(checkpoint, tmp_path):
+    """An AVX-512 VNNI artifact compiles on any x86 host (LLVM never sees an instruction the target lacks) and
+    needs its CPU's features to load: a CPU without them gets one line; one with them runs it."""
+    folder = tmp_path / "spr"
+    meta = compile_model(checkpoint("tiny"), folder, quantization="q8", target="llvm -mcpu=sapphirerapids",
+                         progress=False)
+    assert meta.plan.int8_dot == "avx512-vnni" and meta.target["mcpu"] == "sapphirerapids"
+    assert set(meta.host_isa) == target_isa(parse_cpu_target("llvm -mcpu=sapphirerapids")) >= {"avx512_vnni"}
+    missing = sorted(set(meta.host_isa) - cpu_flags())
+    if missing:
+        with pytest.raises(GptjError, match="built for a CPU with .*which this CPU lacks") as err:
+            gptj_tvm.load(folder)
+        assert missing[0] in str(err.value) and "\n" not in str(err.value)
+    else:
+        gen = gptj_tvm.load(folder)
+        assert gen.generate([464, 10730], max_new_tokens=2, temperature=0).ids
+
+
+def test_an_avx2_artifact_runs_on_this_cpu(quantized, reference):
+    """-mcpu=haswell (AVX2, FMA, F16C): what runs on every x86 CPU this project meets, built and run here."""
+    if "avx2" not in cpu_flags():
+        pytest.skip("this CPU has no AVX2")
+    gen = quantized("tiny", "q4", target="llvm -mcpu=haswell")
+    assert gen.meta.plan.int8_dot == "avx2" and "avx512f" not in gen.meta.host_isa
+    ids = [i % gen.vocab_size for i in PROMPT]
+    assert rel_max_error(gen.logits(ids), reference("tiny").logits(ids)) < BOUND["q4"]
 
 
 def confident_checkpoint(source, target):

@@ -17,9 +17,11 @@ in column tiles of TILE outputs, four consecutive input features of one output i
     q4: uint8 [out / TILE, in / 8, TILE, 4]          low nibble: q[8i + r, .] + 8, high nibble: q[8i + 4 + r, .] + 8
 and the scales float16 [out / TILE, in / GROUP, TILE].
 
-The GEMM: with vnni (x86 CPUs with AVX-512 VNNI) the input is quantized per group to int8 and the GEMM runs on
-integer dot products (kernels/vnni_gemm.py); otherwise the levels are widened to float32 and multiplied by x
-exactly (`quantized_matmul`, scheduled by schedules/cpu_quant.py).
+The GEMM: on an x86 CPU the input is quantized per group to int8 and the GEMM runs on integer dot products
+(`int8_dot`, the best of INT8_DOTS the target has): AVX-512 VNNI's `vpdpbusd` on zmm (kernels/vnni_gemm.py),
+AVX-VNNI's on ymm or AVX2's `vpmaddubsw` (kernels/ymm_gemm.py), all on this layout and with the same result;
+otherwise the levels are widened to float32 and multiplied by x exactly (`quantized_matmul`, scheduled by
+schedules/cpu_quant.py).
 """
 
 from __future__ import annotations
@@ -40,6 +42,10 @@ QMIN = {"q8": -127, "q4": -8}
 OFFSET = {"q8": 128, "q4": 8}
 FEATURES_PER_ROW = {"q8": 4, "q4": 8}  # input features in one [.., TILE, 4] row of the stored levels
 LM_HEAD = "q8"
+# The integer dot products a quantized GEMM runs on, best first, and the ISA flags (as /proc/cpuinfo names them)
+# each needs
+INT8_DOTS = {"avx512-vnni": ("avx512f", "avx512bw", "avx512_vnni"), "avx-vnni": ("avx2", "avx_vnni"),
+             "avx2": ("avx2",)}
 
 
 def check_scheme(scheme: str) -> None:
@@ -105,7 +111,7 @@ def tiled(array: np.ndarray) -> np.ndarray:
 @dataclasses.dataclass(frozen=True)
 class Quantized(LinearLayout):
     scheme: str = "q8"
-    vnni: bool = False  # the GEMM on VNNI integer dot products (else float32 from the widened levels)
+    int8_dot: str = ""  # the GEMM on these integer dot products (INT8_DOTS; "": float32 from the widened levels)
     quantized = True
 
     @property
@@ -114,12 +120,12 @@ class Quantized(LinearLayout):
 
     @property
     def label(self) -> str:
-        gemm = "VNNI integer dot products" if self.vnni else "levels widened to float32"
+        gemm = f"{self.int8_dot} integer dot products" if self.int8_dot else "levels widened to float32"
         return f"{self.scheme}: {8 if self.scheme == 'q8' else 4}-bit levels, groups of {GROUP} ({gemm})"
 
     def for_shape(self, in_features, out_features, plan):
         check_shape(in_features, out_features)
-        return dataclasses.replace(self, vnni=plan.vnni)
+        return dataclasses.replace(self, int8_dot=plan.int8_dot)
 
     def parameters(self, in_features, out_features, dtype):
         tiles = out_features // TILE
@@ -131,24 +137,29 @@ class Quantized(LinearLayout):
         return {"weight": pack(levels, self.scheme), "scale": tiled(scales)}
 
     def matmul(self, x, params, in_features, out_features):
-        if not self.vnni:
+        if not self.int8_dot:
             return quantized_matmul(x, params["weight"], params["scale"], self.scheme)
         return self.forward(x, params, in_features, out_features)
 
     def forward(self, x, params, in_features, out_features, bias=None, residual=None):
-        if not self.vnni:
+        if not self.int8_dot:
             return super().forward(x, params, in_features, out_features, bias, residual)
         from tvm.relax.frontend import nn
         from tvm.relax.frontend.nn import op
 
         from gptj_tvm.kernels.vnni_gemm import vnni_matmul
+        from gptj_tvm.kernels.ymm_gemm import ymm_matmul
 
-        # the VNNI kernel adds the bias and the residual as it writes y (as the pair kernel does)
+        # the kernels add the bias and the residual as they write y (as the pair kernel does)
         x_q, x_scale, x_sum = quantize_activations(x)
         extra = [t for t in (bias, residual) if t is not None]
-        kernel = vnni_matmul(in_features, out_features, self.scheme, GROUP, TILE, OFFSET[self.scheme],
-                             bias=bias is not None, residual=residual is not None)
-        return op.tensor_ir_op(kernel, "vnni_matmul",
+        spec = (in_features, out_features, self.scheme, GROUP, TILE, OFFSET[self.scheme])
+        epilogue = {"bias": bias is not None, "residual": residual is not None}
+        if self.int8_dot == "avx512-vnni":
+            kernel, name = vnni_matmul(*spec, **epilogue), "vnni_matmul"
+        else:
+            kernel, name = ymm_matmul(*spec, self.int8_dot, **epilogue), "ymm_matmul"
+        return op.tensor_ir_op(kernel, name,
                                [x_q, x_scale, x_sum, params["weight"], params["scale"], *extra],
                                nn.Tensor.placeholder([1, x.shape[1], out_features], "float32"))
 

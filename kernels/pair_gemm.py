@@ -30,6 +30,9 @@ from .common import HAND_SCHEDULED, WEIGHT_PREFETCH_BYTES, WEIGHT_PREFETCH_LOCAL
 
 LANES = 16  # float32 lanes of a 512-bit register
 ROWS = 4  # prompt positions per block (the kernel writes out its blocks of 1 to 3 for the rest)
+# With 256-bit registers (lanes 8: AVX2 CPUs) a block of ROWS positions over the whole tile needs 32 of the 16 ymm
+# registers: prompt blocks there take one 8-column vector of the tile at a time (4 accumulators, the positions'
+# x broadcast from memory), each vector's slice of the k block staying in L1 while every block passes over it.
 K_BLOCK = 256  # pair rows per k block
 LOW_HALF_SHIFT = 16
 HIGH_HALF_MASK = 0xFFFF0000
@@ -55,10 +58,11 @@ declare <{lanes} x float> @llvm.x86.avx512bf16.dpbf16ps.{32 * lanes}(<{lanes} x 
 
 @functools.cache  # the frontend asks once per call site; writing the TVMScript takes up to a second
 def pair_matmul(in_features: int, out_features: int, tile: int, x_dtype: str, bias: bool = False,
-                residual: bool = False, dot: bool = False):
+                residual: bool = False, dot: bool = False, lanes: int = LANES):
     """The kernel for one weight in column pairs of `tile` columns: (x, weight[, bias [N] float32[, residual
     [1, n, N] float32]]) -> y. `dot`: on vdpbf16ps (CPUs with AVX512_BF16; bfloat16 x only), else widened
-    to float32 with a shift and a mask and two FMAs."""
+    to float32 with a shift and a mask and two FMAs. `lanes`: float32 lanes of the target's vector registers
+    (16, or 8 for 256-bit ones)."""
     if residual and not bias:
         raise ValueError("a residual comes with a bias (the fused block's W_out)")
     K, N = in_features, out_features
@@ -67,69 +71,106 @@ def pair_matmul(in_features: int, out_features: int, tile: int, x_dtype: str, bi
     tiles, pair_rows = N // tile, K // 2
     k_block = next(b for b in (K_BLOCK, 128, 64, 32, 16, 8, 4, 2, 1) if pair_rows % b == 0)
     k_blocks = pair_rows // k_block
-    lanes = min(LANES, tile)
+    narrow = lanes < LANES  # 256-bit registers: prompt blocks one vector of the tile at a time
+    lanes = min(lanes, tile)
     vec, word_vec = f"float32x{lanes}", f"uint32x{lanes}"
     if dot and x_dtype != "bfloat16":
         raise ValueError(f"vdpbf16ps multiplies bfloat16 by bfloat16, not {x_dtype} x")
     ahead = WEIGHT_PREFETCH_BYTES // (tile * 4)  # pair rows
 
+    # With 256-bit registers a bfloat16 x pair is widened in vector registers from its 32-bit word, as the
+    # weights are: casting each bfloat16 to float32 took four scalar instructions and a broadcast, per
+    # vector pass, more than the two FMAs it feeds
+    widen_x_words = narrow and x_dtype == "bfloat16"
+
+    def x_half(x, x_words, t, r, high):
+        """x[t, 2r + high] as float32 in every lane."""
+        if not widen_x_words:
+            return T.Broadcast(T.Cast("float32", x[0, t, 2 * r + high]), lanes)
+        word = T.Broadcast(x_words[0, t, r], lanes)
+        if high:
+            return T.reinterpret(T.bitwise_and(word, T.Broadcast(T.uint32(HIGH_HALF_MASK), lanes)), dtype=vec)
+        return T.reinterpret(T.shift_left(word, T.Broadcast(T.uint32(LOW_HALF_SHIFT), lanes)), dtype=vec)
+
     @T.macro
-    def positions(x, x_words, words, y, bias, residual, tile_i, kb, t0, count, streams):
-        """y[t0 .. t0 + count, the tile's columns] += this k block's share (the first block starts from 0);
-        the last block adds the bias and the residual."""
-        acc = T.sblock_alloc_buffer((count * tile,), "float32", scope="local")
+    def positions(x, x_words, words, y, bias, residual, tile_i, kb, t0, count, v0, vectors, streams):
+        """y[t0 .. t0 + count, the tile's vectors v0 .. v0 + vectors of `lanes` columns] += this k block's share
+        (the first block starts from 0); the last block adds the bias and the residual."""
+        # (no Python names for values here: TVMScript would bind each to a variable or a buffer)
+        acc = T.sblock_alloc_buffer((count * vectors * lanes,), "float32", scope="local")
         if kb == 0:
-            for c in T.vectorized(count * tile):
+            for c in T.vectorized(count * vectors * lanes):
                 acc[c] = T.float32(0)
         else:  # whole vectors at constant offsets, so that LLVM keeps acc in registers (not on the stack)
             for i in T.unroll(count):
-                for v in T.unroll(tile // lanes):
-                    acc[T.ramp(i * tile + v * lanes, 1, lanes)] = y.vload([0, t0 + i, tile_i * tile + v * lanes], vec)
+                for v in T.unroll(vectors):
+                    acc[T.ramp((i * vectors + v) * lanes, 1, lanes)] = y.vload(
+                        [0, t0 + i, tile_i * tile + (v0 + v) * lanes], vec)
         for r in range(k_block):
-            for v in T.unroll(tile // lanes):
+            for v in T.unroll(vectors):
                 if streams:
-                    prefetch(words[tile_i, kb * k_block + r + ahead, v * lanes], WEIGHT_PREFETCH_LOCALITY)
+                    prefetch(words[tile_i, kb * k_block + r + ahead, (v0 + v) * lanes], WEIGHT_PREFETCH_LOCALITY)
                 for i in T.unroll(count):
                     # no Python names for vector values (TVMScript would give each a buffer): LLVM shares the
                     # load and the widening between the positions
                     if dot:
-                        acc[T.ramp(i * tile + v * lanes, 1, lanes)] = T.call_pure_extern(
-                            vec, DOT_FUNCTIONS[lanes], acc.vload([i * tile + v * lanes], vec),
-                            words.vload([tile_i, kb * k_block + r, v * lanes], word_vec),
+                        acc[T.ramp((i * vectors + v) * lanes, 1, lanes)] = T.call_pure_extern(
+                            vec, DOT_FUNCTIONS[lanes], acc.vload([(i * vectors + v) * lanes], vec),
+                            words.vload([tile_i, kb * k_block + r, (v0 + v) * lanes], word_vec),
                             T.Broadcast(x_words[0, t0 + i, kb * k_block + r], lanes))
                     else:
-                        acc[T.ramp(i * tile + v * lanes, 1, lanes)] = acc.vload([i * tile + v * lanes], vec) + (
-                            T.Broadcast(T.Cast("float32", x[0, t0 + i, 2 * (kb * k_block + r)]), lanes)
-                            * T.reinterpret(T.shift_left(words.vload([tile_i, kb * k_block + r, v * lanes],
-                                                                     word_vec),
-                                                         T.Broadcast(T.uint32(LOW_HALF_SHIFT), lanes)), dtype=vec))
-                        acc[T.ramp(i * tile + v * lanes, 1, lanes)] = acc.vload([i * tile + v * lanes], vec) + (
-                            T.Broadcast(T.Cast("float32", x[0, t0 + i, 2 * (kb * k_block + r) + 1]), lanes)
-                            * T.reinterpret(T.bitwise_and(words.vload([tile_i, kb * k_block + r, v * lanes],
-                                                                      word_vec),
-                                                          T.Broadcast(T.uint32(HIGH_HALF_MASK), lanes)), dtype=vec))
+                        acc[T.ramp((i * vectors + v) * lanes, 1, lanes)] = acc.vload(
+                            [(i * vectors + v) * lanes], vec) + (
+                            x_half(x, x_words, t0 + i, kb * k_block + r, 0)
+                            * T.reinterpret(T.shift_left(
+                                words.vload([tile_i, kb * k_block + r, (v0 + v) * lanes], word_vec),
+                                T.Broadcast(T.uint32(LOW_HALF_SHIFT), lanes)), dtype=vec))
+                        acc[T.ramp((i * vectors + v) * lanes, 1, lanes)] = acc.vload(
+                            [(i * vectors + v) * lanes], vec) + (
+                            x_half(x, x_words, t0 + i, kb * k_block + r, 1)
+                            * T.reinterpret(T.bitwise_and(
+                                words.vload([tile_i, kb * k_block + r, (v0 + v) * lanes], word_vec),
+                                T.Broadcast(T.uint32(HIGH_HALF_MASK), lanes)), dtype=vec))
         # written back as whole vectors at constant offsets too
         for i in T.unroll(count):
-            for v in T.unroll(tile // lanes):
+            for v in T.unroll(vectors):
                 if bias is None:  # decided as the kernel is written (a Python condition), like residual's below
-                    y[0, t0 + i, T.ramp(tile_i * tile + v * lanes, 1, lanes)] = acc.vload([i * tile + v * lanes], vec)
+                    y[0, t0 + i, T.ramp(tile_i * tile + (v0 + v) * lanes, 1, lanes)] = acc.vload(
+                        [(i * vectors + v) * lanes], vec)
                 elif kb < k_blocks - 1:
-                    y[0, t0 + i, T.ramp(tile_i * tile + v * lanes, 1, lanes)] = acc.vload([i * tile + v * lanes], vec)
+                    y[0, t0 + i, T.ramp(tile_i * tile + (v0 + v) * lanes, 1, lanes)] = acc.vload(
+                        [(i * vectors + v) * lanes], vec)
                 elif residual is None:
-                    y[0, t0 + i, T.ramp(tile_i * tile + v * lanes, 1, lanes)] = acc.vload(
-                        [i * tile + v * lanes], vec) + bias.vload([tile_i * tile + v * lanes], vec)
+                    y[0, t0 + i, T.ramp(tile_i * tile + (v0 + v) * lanes, 1, lanes)] = acc.vload(
+                        [(i * vectors + v) * lanes], vec) + bias.vload([tile_i * tile + (v0 + v) * lanes], vec)
                 else:  # the order of the graph's own adds: (x W + b) + h
-                    y[0, t0 + i, T.ramp(tile_i * tile + v * lanes, 1, lanes)] = (acc.vload(
-                        [i * tile + v * lanes], vec) + bias.vload([tile_i * tile + v * lanes], vec)) + residual.vload(
-                        [0, t0 + i, tile_i * tile + v * lanes], vec)
+                    y[0, t0 + i, T.ramp(tile_i * tile + (v0 + v) * lanes, 1, lanes)] = (acc.vload(
+                        [(i * vectors + v) * lanes], vec) + bias.vload([tile_i * tile + (v0 + v) * lanes], vec)) + \
+                        residual.vload([0, t0 + i, tile_i * tile + (v0 + v) * lanes], vec)
 
     @T.macro
-    def rows(name, x, x_words, words, weight, y, bias, residual, tile_i, kb, t0, count, streams):
+    def rows(name, x, x_words, words, weight, y, bias, residual, tile_i, kb, t0, count, streams, v0=0,
+             vectors=tile // lanes):
         with T.sblock(name):
             T.reads(x[0, t0:t0 + count, 0:K], weight[tile_i, 0:pair_rows, 0:tile, 0:2],
                     y[0, t0:t0 + count, tile_i * tile:tile_i * tile + tile])
             T.writes(y[0, t0:t0 + count, tile_i * tile:tile_i * tile + tile])
-            positions(x, x_words, words, y, bias, residual, tile_i, kb, t0, count, streams)
+            positions(x, x_words, words, y, bias, residual, tile_i, kb, t0, count, v0, vectors, streams)
+
+    @T.macro
+    def narrow_rows(x, x_words, words, weight, y, bias, residual, tile_i, kb, n):
+        """A prompt's rows with 256-bit registers: per 8-column vector, blocks of ROWS and the rest."""
+        for v in range(tile // lanes):
+            rows("pair_matmul_first", x, x_words, words, weight, y, bias, residual, tile_i, kb, 0, ROWS, True, v, 1)
+            for tb in range(1, n // ROWS):
+                rows("pair_matmul", x, x_words, words, weight, y, bias, residual, tile_i, kb, tb * ROWS, ROWS,
+                     False, v, 1)
+            if n % ROWS >= 2:
+                rows("pair_matmul_rest2", x, x_words, words, weight, y, bias, residual, tile_i, kb,
+                     n // ROWS * ROWS, 2, False, v, 1)
+            if n % 2 == 1:
+                rows("pair_matmul_rest1", x, x_words, words, weight, y, bias, residual, tile_i, kb, n - 1, 1,
+                     False, v, 1)
 
     @T.macro
     def all_tiles(x, x_words, words, weight, y, bias, residual, n):
@@ -138,7 +179,9 @@ def pair_matmul(in_features: int, out_features: int, tile: int, x_dtype: str, bi
         # the accumulators on the stack).
         for tile_i in T.parallel(tiles):
             for kb in range(k_blocks):
-                if n >= ROWS:
+                if narrow and n >= ROWS:
+                    narrow_rows(x, x_words, words, weight, y, bias, residual, tile_i, kb, n)
+                elif n >= ROWS:
                     rows("pair_matmul_first", x, x_words, words, weight, y, bias, residual, tile_i, kb, 0, ROWS, True)
                     for tb in range(1, n // ROWS):
                         rows("pair_matmul", x, x_words, words, weight, y, bias, residual, tile_i, kb, tb * ROWS,
@@ -167,6 +210,8 @@ def pair_matmul(in_features: int, out_features: int, tile: int, x_dtype: str, bi
             x_words = T.decl_buffer((1, n, pair_rows), "uint32", data=x.data)
             with T.attr(0, "pragma_import_llvm", DOT_LLVM):
                 all_tiles(x, x_words, words, weight, y, bias, residual, n)
+        elif widen_x_words:
+            all_tiles(x, T.decl_buffer((1, n, pair_rows), "uint32", data=x.data), words, weight, y, bias, residual, n)
         else:
             all_tiles(x, None, words, weight, y, bias, residual, n)
 

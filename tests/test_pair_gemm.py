@@ -12,13 +12,14 @@ from gptj_tvm.frontend.layouts import COLUMN_PAIRS, COLUMN_TILES, LayoutPlan
 from gptj_tvm.kernels.pair_gemm import pair_matmul
 from gptj_tvm.frontend.layouts.column_pairs import pair_tile, paired
 from gptj_tvm.targets.host import has_avx512_bf16
-from gptj_tvm.targets.llvm import host_target
+from gptj_tvm.targets.llvm import host_target, parse_cpu_target
 from gptj_tvm.runtime.artifact import ArtifactMetadata
 from reference import rel_max_error
 from test_model import TOLERANCE, prompt_for
 
 
-def run(k: int, n: int, rows: int, x_dtype: str, epilogue: tuple[str, ...] = (), seed: int = 0, dot: bool = False):
+def run(k: int, n: int, rows: int, x_dtype: str, epilogue: tuple[str, ...] = (), seed: int = 0, dot: bool = False,
+        lanes: int = 16):
     """(x, w, the extra inputs (bias, residual), y) of the kernel on random inputs."""
     rng = np.random.default_rng(seed)
     w = rng.standard_normal((k, n), dtype=np.float32).astype(ml_dtypes.bfloat16)
@@ -26,7 +27,7 @@ def run(k: int, n: int, rows: int, x_dtype: str, epilogue: tuple[str, ...] = (),
     shapes = {"bias": (n,), "residual": (1, rows, n)}
     extra = [rng.standard_normal(shapes[name], dtype=np.float32) for name in epilogue]
     func = pair_matmul(k, n, pair_tile(k, n), x_dtype, bias="bias" in epilogue, residual="residual" in epilogue,
-                       dot=dot)
+                       dot=dot, lanes=lanes)
     lib = tvm.tirx.build(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=host_target())
     out = tvm.runtime.empty((1, rows, n), "float32")
     lib["main"](*(tvm.runtime.tensor(a) for a in (x, paired(w), *extra)), out)
@@ -42,16 +43,18 @@ SHAPES = [(1024, 192, 1, ()), (1024, 192, 2, ()), (1024, 192, 3, ()), (1024, 192
           (1024, 192, 1, ("bias",)), (1024, 192, 6, ("bias", "residual")), (48, 216, 5, ("bias", "residual"))]
 
 
-@pytest.mark.parametrize("dot", [False, True], ids=["widened", "vdpbf16ps"])
+@pytest.mark.parametrize("dot,lanes", [(False, 16), (False, 8), (True, 16)],
+                         ids=["widened", "widened-256-bit", "vdpbf16ps"])
 @pytest.mark.parametrize("k,n,rows,epilogue", SHAPES)
-def test_bfloat16_kernel_is_the_float32_sum_in_order(k, n, rows, epilogue, dot):
+def test_bfloat16_kernel_is_the_float32_sum_in_order(k, n, rows, epilogue, dot, lanes):
     """bfloat16 products are exact in float32, and the kernel adds them in a fixed order: k order when it widens
     the weights, and for each pair 2r + 1 then 2r on vdpbf16ps (its definition: two chained float32 adds, round
     to nearest even; the random inputs here are far from the denormals it flushes). numpy's float32 running sum
-    in the same order, then the bias, then the residual, gives the same bits."""
+    in the same order, then the bias, then the residual, gives the same bits. With 256-bit registers (lanes 8:
+    the kernel's AVX2 blocks, which run on every x86 CPU) too."""
     if dot and not has_avx512_bf16():
         pytest.skip("this CPU has no AVX512_BF16 (vdpbf16ps)")
-    x, w, extra, actual = run(k, n, rows, "bfloat16", epilogue, dot=dot)
+    x, w, extra, actual = run(k, n, rows, "bfloat16", epilogue, dot=dot, lanes=lanes)
     expected = np.zeros((rows, n), np.float32)
     x32, w32 = x[0].astype(np.float32), w.astype(np.float32)
     order = [i for r in range(k // 2) for i in (2 * r + 1, 2 * r)] if dot else range(k)
@@ -62,8 +65,9 @@ def test_bfloat16_kernel_is_the_float32_sum_in_order(k, n, rows, epilogue, dot):
     np.testing.assert_array_equal(actual[0], expected)
 
 
-def test_float32_inputs_against_float64():
-    x, w, _, actual = run(64, 128, 5, "float32")
+@pytest.mark.parametrize("lanes", [16, 8])
+def test_float32_inputs_against_float64(lanes):
+    x, w, _, actual = run(64, 128, 5, "float32", lanes=lanes)
     expected = x[0].astype(np.float64) @ w.astype(np.float64)
     assert rel_max_error(actual[0], expected) < 1e-6
 
@@ -108,6 +112,10 @@ def test_bfloat16_cpu_artifacts_pair_unless_tuned():
     target = host_target()
     assert variant_for(target, "bfloat16").layouts.blocks == COLUMN_PAIRS.name
     assert variant_for(target, "bfloat16").layouts.bf16_dot == has_avx512_bf16()  # where this CPU has it
+    # the target's ISA, not the host's, picks the instructions and the blocks
+    haswell, zen4 = (variant_for(parse_cpu_target(f"llvm -mcpu={cpu}"), "bfloat16").layouts
+                     for cpu in ("haswell", "znver4"))
+    assert (haswell.bf16_dot, haswell.vector_bits, zen4.bf16_dot, zen4.vector_bits) == (False, 256, True, 512)
     # MetaSchedule tunes the column-tile GEMMs: a tuning database compiles those
     assert variant_for(target, "bfloat16", tuned=True).layouts.blocks == COLUMN_TILES.name
     assert variant_for(target, "float32").layouts == variant_for(target, "float16").layouts

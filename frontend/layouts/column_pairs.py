@@ -34,6 +34,7 @@ def paired(weight: np.ndarray) -> np.ndarray:
 @dataclasses.dataclass(frozen=True)
 class ColumnPairs(LinearLayout):
     dot: bool = False  # the GEMM on vdpbf16ps (AVX512_BF16), else widened to float32 by a shift and a mask
+    vector_bits: int = 512  # the target's vector registers (256: AVX2), which set the kernel's blocks
     name = "column-pairs"
 
     @property
@@ -44,7 +45,7 @@ class ColumnPairs(LinearLayout):
     def for_shape(self, in_features, out_features, plan):
         if pair_tile(in_features, out_features) is None:
             return COLUMN_TILES
-        return dataclasses.replace(self, dot=plan.bf16_dot)
+        return dataclasses.replace(self, dot=plan.bf16_dot, vector_bits=plan.vector_bits)
 
     def parameters(self, in_features, out_features, dtype):
         tile = pair_tile(in_features, out_features)
@@ -62,7 +63,7 @@ class ColumnPairs(LinearLayout):
         extra = [t for t in (bias, residual) if t is not None]
         kernel = pair_matmul(in_features, out_features, pair_tile(in_features, out_features), str(x.dtype),
                              bias=bias is not None, residual=residual is not None,
-                             dot=self.dot and str(x.dtype) == "bfloat16")
+                             dot=self.dot and str(x.dtype) == "bfloat16", lanes=self.vector_bits // 32)
         return op.tensor_ir_op(kernel, "pair_matmul", [x, params["weight"], *extra],
                                nn.Tensor.placeholder([1, x.shape[1], out_features], "float32"))
 

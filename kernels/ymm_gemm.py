@@ -15,9 +15,10 @@ x_scale) in float32, so every ISA gives the same bits, in every block shape.
 
 One task per column tile of TILE outputs; K in chunks of CHUNK_GROUPS groups (the sum goes on in y), so the
 chunk's weights stay in cache while every row block passes over them. Sixteen ymm registers hold a block's
-accumulators and dot products: decode's 1 to 3 rows run a row at a time over half the tile (4 vectors of 8
-columns: two whole cache lines of each 256-byte row of levels), more rows run one 8-column vector at a time in
-blocks of ROWS rows, each weight load (and its unpacking) shared by the block's rows. The first block of each
+accumulators and dot products: decode's 1 to 3 rows run a row at a time over a quarter of the tile (2 vectors of
+8 columns: one whole cache line of each 256-byte row of levels, so the tile's four passes read disjoint lines),
+more rows run one 8-column vector at a time in blocks of ROWS rows, each weight load (and its unpacking) shared
+by the block's rows. The first block of each
 pass asks for its lines one chunk further on (into L2), as the other weight-streaming kernels do.
 """
 

@@ -41,7 +41,7 @@ from gptj_tvm.kernels import pair_gemm, vnni_gemm
 from gptj_tvm.runtime.bench import read_bandwidth
 from gptj_tvm.targets.host import cpu_model, has_avx512_bf16, has_vnni
 from gptj_tvm.targets.llvm import host_target
-from report import write_result
+from report import time_kernels, write_result
 from tvm.script import tirx as T
 
 GEMMS = {"W_in": (4096, 28672), "W_out": (20480, 4096), "lm_head": (4096, 50688)}
@@ -197,15 +197,8 @@ def gemm_rows(args, threads: int, peaks: dict, bandwidth: float) -> list[dict]:
                               tvm.runtime.tensor(rng.uniform(0.1, 1, (1, rows, k // 32)).astype(np.float32)),
                               tvm.runtime.tensor(np.zeros((1, rows, k // 32), np.int32)), *weight]
                 out = tvm.runtime.empty((1, rows, n), "float32")
-                times = {"old": [], "new": []}
                 repeats = max(1, int(2e9 / (2 * k * n * rows)))  # about 2 GFLOP a sample
-                for _ in range(args.rounds):
-                    for name in ("old", "new"):
-                        libs[name]["main"](*inputs, out)
-                        start = time.perf_counter()
-                        for _ in range(repeats):
-                            libs[name]["main"](*inputs, out)
-                        times[name].append((time.perf_counter() - start) / repeats)
+                times = time_kernels(libs, inputs, out, args.rounds, repeats)
                 flop = 2 * k * n * rows
                 row = {"gemm": gemm, "format": fmt, "k": k, "n": n, "rows": rows,
                        "read_bound_ms": 1e3 * weight_bytes / bandwidth, "arithmetic_bound_ms": 1e3 * flop / peak}

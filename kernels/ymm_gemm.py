@@ -15,11 +15,11 @@ x_scale) in float32, so every ISA gives the same bits, in every block shape.
 
 One task per column tile of TILE outputs; K in chunks of CHUNK_GROUPS groups (the sum goes on in y), so the
 chunk's weights stay in cache while every row block passes over them. Sixteen ymm registers hold a block's
-accumulators and dot products: decode's 1 to 3 rows run a row at a time over a quarter of the tile (2 vectors of
-8 columns: one whole cache line of each 256-byte row of levels, so the tile's four passes read disjoint lines),
-more rows run one 8-column vector at a time in blocks of ROWS rows, each weight load (and its unpacking) shared
-by the block's rows. The first block of each
-pass asks for its lines one chunk further on (into L2), as the other weight-streaming kernels do.
+accumulators and dot products: decode's 1 to 3 rows run a row at a time, q8 over a quarter of the tile (2 vectors
+of 8 columns: one whole cache line of each 256-byte row of levels, so the tile's four passes read disjoint
+lines) and q4 over all of it; more rows run one 8-column vector at a time in blocks of ROWS rows, each weight
+load (and its unpacking) shared by the block's rows. The first block of each pass asks for its lines one chunk
+further on (into L2), as the other weight-streaming kernels do.
 """
 
 from __future__ import annotations
@@ -34,7 +34,9 @@ from .vnni_gemm import entry_points, store_macro
 ISAS = ("avx-vnni", "avx2")
 LANES = 8  # 32-bit lanes of a 256-bit register: 8 columns x 4 input features = 32 weight bytes
 ROWS = 4  # rows per block from STEP_MIN rows: 4 x (acc + dot) of the 16 ymm registers
-DECODE_VECTORS = 2  # 8-column vectors per pass for fewer rows: one cache line of each 256-byte row of levels
+# 8-column vectors per pass for fewer rows: q8 one cache line of each 256-byte row of levels, q4 the whole tile
+# (its 1-row GEMVs went from 1.55-1.85x the read bound to 1.05-1.1x; q8's did not move with it, at 1.7-2x)
+DECODE_VECTORS = {"q8": 2, "q4": 8}
 STEP_MIN = 4
 CHUNK_GROUPS = 16
 VPDPBUSD = "llvm.x86.avx512.vpdpbusd.256"  # LLVM selects the VEX form on a target with avxvnni
@@ -60,6 +62,7 @@ def ymm_matmul(in_features: int, out_features: int, scheme: str, group: int, til
     group_rows = GROUP // 8 if q4 else GROUP // 4
     chunks = (G + CHUNK_GROUPS - 1) // CHUNK_GROUPS
     chunk_rows = CHUNK_GROUPS * group_rows
+    decode_vectors = DECODE_VECTORS[scheme]
     if isa == "avx2" and q4 and group_rows * 2 * 2 * 15 * 127 >= 2 ** 15:
         raise ValueError(f"groups of {group} can overflow q4's int16 sums")
 
@@ -181,11 +184,11 @@ def ymm_matmul(in_features: int, out_features: int, scheme: str, group: int, til
     def gemm(xq, xs, xsum, weight, w_scale, y, bias, residual, n):
         for tile in T.parallel(tiles):
             for chunk in range(chunks):
-                if n < STEP_MIN:  # decode: a row at a time over half the tile (and no rows at all)
-                    for half in range(tile_vectors // DECODE_VECTORS):
+                if n < STEP_MIN:  # decode: a row at a time, over decode_vectors at a time (and no rows at all)
+                    for part in range(tile_vectors // decode_vectors):
                         for t in range(n):
                             block("ymm_matmul_decode", xq, xs, xsum, weight, w_scale, y, bias, residual, tile,
-                                  half * DECODE_VECTORS, DECODE_VECTORS, chunk, t, 1, True)
+                                  part * decode_vectors, decode_vectors, chunk, t, 1, True)
                 else:
                     for v in range(tile_vectors):
                         block("ymm_matmul_first", xq, xs, xsum, weight, w_scale, y, bias, residual, tile, v, 1,

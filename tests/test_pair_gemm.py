@@ -65,6 +65,14 @@ def test_bfloat16_kernel_is_the_float32_sum_in_order(k, n, rows, epilogue, dot, 
     np.testing.assert_array_equal(actual[0], expected)
 
 
+def test_the_vdpbf16ps_kernel_compiles_for_a_cpu_with_it():
+    """Where this CPU lacks AVX512_BF16 the test above cannot run it; built for one that has it, it uses it."""
+    func = pair_matmul(1024, 192, pair_tile(1024, 192), "bfloat16", bias=True, dot=True)
+    lib = tvm.tirx.build(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
+                         target=parse_cpu_target("llvm -mcpu=sapphirerapids"))
+    assert "vdpbf16ps" in lib.inspect_source("asm")
+
+
 @pytest.mark.parametrize("lanes", [16, 8])
 def test_float32_inputs_against_float64(lanes):
     x, w, _, actual = run(64, 128, 5, "float32", lanes=lanes)

@@ -115,14 +115,11 @@ def quantized(tmp_path_factory, checkpoint):
 PROMPT = [464, 10730, 29598, 11, 290, 262, 2068, 7586, 21831, 3, 99, 120, 50256, 17]
 
 
-@pytest.mark.parametrize("gemm", [None, "avx2", "float32"], ids=["best", "avx2", "float32"])
+@pytest.mark.parametrize("gemm", [None, "float32"], ids=["best", "float32"])
 @pytest.mark.parametrize("scheme", ["q8", "q4"])
 @pytest.mark.parametrize("name", ["tiny", "wide"])
 def test_quantized_kernels_compute_the_dequantized_model(name, scheme, gemm, quantized, checkpoint, tmp_path):
-    """The best int8 GEMM this CPU has, AVX2's (which every x86 CPU runs; where it is the best, the same
-    artifact), and the float32 one."""
-    if gemm == "avx2" and "avx2" not in cpu_flags():
-        pytest.skip("this CPU has no AVX2")
+    """The best int8 GEMM this CPU has and the float32 one (AVX2's, which every x86 CPU runs, below)."""
     gen = quantized(name, scheme, gemm)
     int8 = gen.meta.plan.int8_dot
     assert int8 == {"float32": "", None: variant_for(host_target(), quantization=scheme).layouts.int8_dot}.get(
@@ -201,14 +198,17 @@ def test_compiling_for_another_cpu_records_its_features_and_load_checks_them(che
         assert gen.generate([464, 10730], max_new_tokens=2, temperature=0).ids
 
 
-def test_an_avx2_artifact_runs_on_this_cpu(quantized, reference):
-    """-mcpu=haswell (AVX2, FMA, F16C): what runs on every x86 CPU this project meets, built and run here."""
+@pytest.mark.parametrize("scheme", ["q8", "q4"])
+def test_an_avx2_artifact_runs_on_this_cpu(scheme, quantized, checkpoint, tmp_path):
+    """-mcpu=haswell (AVX2, FMA, F16C): what runs on every x86 CPU this project meets, built and run here,
+    against the numpy GPT-J on the dequantized weights with inputs rounded as the int8 GEMMs round them."""
     if "avx2" not in cpu_flags():
         pytest.skip("this CPU has no AVX2")
-    gen = quantized("tiny", "q4", target="llvm -mcpu=haswell")
+    gen = quantized("tiny", scheme, target="llvm -mcpu=haswell")
     assert gen.meta.plan.int8_dot == "avx2" and "avx512f" not in gen.meta.host_isa
     ids = [i % gen.vocab_size for i in PROMPT]
-    assert rel_max_error(gen.logits(ids), reference("tiny").logits(ids)) < BOUND["q4"]
+    expected = ActivationQuantizedReference(dequantized_checkpoint(checkpoint("tiny"), tmp_path / "dq", scheme))
+    assert rel_max_error(gen.logits(ids), expected.logits(ids)) < 2e-2
 
 
 def confident_checkpoint(source, target):

@@ -26,8 +26,7 @@ import numpy as np
 import gptj_tvm  # noqa: F401  (importing it sets TVM_NUM_THREADS before TVM starts)
 import tvm
 from gptj_tvm.frontend.layouts import quantized as quant
-from gptj_tvm.kernels.vnni_gemm import vnni_matmul
-from gptj_tvm.kernels.ymm_gemm import PMADDUBSW, PMADDWD, VPDPBUSD, ymm_matmul
+from gptj_tvm.kernels.ymm_gemm import PMADDUBSW, PMADDWD, VPDPBUSD, int8_matmul
 from gptj_tvm.runtime.bench import read_bandwidth
 from gptj_tvm.targets.host import cpu_flags, cpu_model
 from gptj_tvm.targets.llvm import cpu_target, host_target, target_isa
@@ -78,11 +77,6 @@ def peak(variant: str, threads: int, target) -> float:
     return threads * ITERS * CHAINS * lanes * 8 / (time.perf_counter() - start)
 
 
-def kernel(variant: str, k: int, n: int, scheme: str):
-    spec = (k, n, scheme, quant.GROUP, quant.TILE, quant.OFFSET[scheme])
-    return vnni_matmul(*spec) if variant == "avx512-vnni" else ymm_matmul(*spec, variant)
-
-
 def gemm_rows(variants, rows_list, rounds, target, peaks, bandwidth) -> list[dict]:
     rng = np.random.default_rng(0)
     out_rows = []
@@ -93,8 +87,8 @@ def gemm_rows(variants, rows_list, rounds, target, peaks, bandwidth) -> list[dic
                       tvm.runtime.tensor(quant.tiled(rng.uniform(0.5, 2, (k // 32, n)).astype(np.float16)))]
             del levels
             weight_bytes = k * n * (1 if scheme == "q8" else 0.5) + k * n // 32 * 2
-            libs = {v: tvm.tirx.build(tvm.IRModule({"main": kernel(v, k, n, scheme).with_attr("global_symbol",
-                                                                                                 "main")}),
+            spec = (k, n, scheme, quant.GROUP, quant.TILE, quant.OFFSET[scheme])
+            libs = {v: tvm.tirx.build(tvm.IRModule({"main": int8_matmul(v, *spec).with_attr("global_symbol", "main")}),
                                       target=target) for v in variants}
             for rows in rows_list:
                 inputs = [tvm.runtime.tensor(rng.integers(-127, 128, (1, rows, k)).astype(np.int8)),

@@ -29,7 +29,7 @@ import functools
 from tvm.script import tirx as T
 
 from .common import WEIGHT_PREFETCH_LOCALITY, prefetch
-from .vnni_gemm import entry_points, store_macro
+from .vnni_gemm import entry_points, store_macro, vnni_matmul
 
 ISAS = ("avx-vnni", "avx2")
 LANES = 8  # 32-bit lanes of a 256-bit register: 8 columns x 4 input features = 32 weight bytes
@@ -220,3 +220,12 @@ def _psignb(value, sign):
 def _vpdpbusd(acc, unsigned_bytes, signed_bytes):
     return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(VPDPBUSD), acc, unsigned_bytes, signed_bytes,
                                    dtype="int32x8")
+
+
+def int8_matmul(isa: str, in_features: int, out_features: int, scheme: str, group: int, tile: int, offset: int,
+                bias: bool = False, residual: bool = False):
+    """The q8/q4 GEMM kernel for one of quantized.INT8_DOTS: vnni_matmul for avx512-vnni, else ymm_matmul."""
+    spec = (in_features, out_features, scheme, group, tile, offset)
+    if isa == "avx512-vnni":
+        return vnni_matmul(*spec, bias=bias, residual=residual)
+    return ymm_matmul(*spec, isa, bias=bias, residual=residual)

@@ -12,8 +12,8 @@ import pytest
 import tvm
 
 from gptj_tvm.frontend.layouts import quantized as quantization
-from gptj_tvm.kernels.vnni_gemm import quantize_activations, vnni_matmul
-from gptj_tvm.kernels.ymm_gemm import ymm_matmul
+from gptj_tvm.kernels.vnni_gemm import quantize_activations
+from gptj_tvm.kernels.ymm_gemm import int8_matmul
 from gptj_tvm.targets.host import cpu_flags
 from gptj_tvm.targets.llvm import cpu_target, host_target
 
@@ -29,10 +29,6 @@ def build(func, target=None):
 # each int8 dot product: a CPU that has it, and the instruction its code must hold (as a regular expression)
 ISAS = {"avx512-vnni": ("sapphirerapids", r"\svpdpbusd\s[^\n]*%zmm"),
         "avx-vnni": ("alderlake", r"\{vex\}\s+vpdpbusd\s[^\n]*%ymm"), "avx2": ("haswell", r"\svpmaddubsw\s[^\n]*%ymm")}
-
-
-def int8_kernel(isa, *spec, **epilogue):
-    return vnni_matmul(*spec, **epilogue) if isa == "avx512-vnni" else ymm_matmul(*spec, isa, **epilogue)
 
 
 def host_runs(isa: str) -> bool:
@@ -74,7 +70,7 @@ def test_int8_kernel_is_exact(isa, scheme, k, rows, epilogue):
              for name in epilogue]
     for term in extra:  # the graph's order: (x W + b) + h
         expected = expected + term.reshape(-1, n)
-    lib = build(int8_kernel(isa, k, n, scheme, GROUP, quantization.TILE, quantization.OFFSET[scheme],
+    lib = build(int8_matmul(isa, k, n, scheme, GROUP, quantization.TILE, quantization.OFFSET[scheme],
                             bias="bias" in epilogue, residual="residual" in epilogue))
     args = [tvm.runtime.tensor(a) for a in (x_q, x_scale, x_sum, quantization.pack(levels, scheme),
                                             quantization.tiled(w_scale), *extra)]
@@ -90,7 +86,7 @@ def test_int8_kernels_compile_for_a_cpu_with_their_instructions(isa, scheme):
     numbers are tested above where this CPU runs it; AVX2 runs on every x86 CPU)."""
     cpu, instruction = ISAS[isa]
     spec = (256, 128, scheme, GROUP, quantization.TILE, quantization.OFFSET[scheme])
-    assembly = build(int8_kernel(isa, *spec, bias=True), cpu_target(cpu)).inspect_source("asm")
+    assembly = build(int8_matmul(isa, *spec, bias=True), cpu_target(cpu)).inspect_source("asm")
     assert re.search(instruction, assembly)
 
 

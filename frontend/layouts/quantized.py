@@ -147,18 +147,14 @@ class Quantized(LinearLayout):
         from tvm.relax.frontend import nn
         from tvm.relax.frontend.nn import op
 
-        from gptj_tvm.kernels.vnni_gemm import vnni_matmul
-        from gptj_tvm.kernels.ymm_gemm import ymm_matmul
+        from gptj_tvm.kernels.ymm_gemm import int8_matmul
 
         # the kernels add the bias and the residual as they write y (as the pair kernel does)
         x_q, x_scale, x_sum = quantize_activations(x)
         extra = [t for t in (bias, residual) if t is not None]
-        spec = (in_features, out_features, self.scheme, GROUP, TILE, OFFSET[self.scheme])
-        epilogue = {"bias": bias is not None, "residual": residual is not None}
-        if self.int8_dot == "avx512-vnni":
-            kernel, name = vnni_matmul(*spec, **epilogue), "vnni_matmul"
-        else:
-            kernel, name = ymm_matmul(*spec, self.int8_dot, **epilogue), "ymm_matmul"
+        kernel = int8_matmul(self.int8_dot, in_features, out_features, self.scheme, GROUP, TILE, OFFSET[self.scheme],
+                             bias=bias is not None, residual=residual is not None)
+        name = "vnni_matmul" if self.int8_dot == "avx512-vnni" else "ymm_matmul"
         return op.tensor_ir_op(kernel, name,
                                [x_q, x_scale, x_sum, params["weight"], params["scale"], *extra],
                                nn.Tensor.placeholder([1, x.shape[1], out_features], "float32"))

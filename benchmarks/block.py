@@ -24,7 +24,7 @@ import numpy as np
 
 
 from gptj_tvm.frontend.random_checkpoint import make_config, write_random_checkpoint
-from gptj_tvm.runtime.engine import Generator
+from gptj_tvm.runtime.generator import Generator
 from gptj_tvm.runtime.inspect import inspect_artifact
 from gptj_tvm.compiler.compile import compile_model
 

@@ -34,6 +34,8 @@ import numpy as np
 
 import gptj_tvm  # sets TVM_NUM_THREADS's default before TVM starts
 import gptj_tvm.runtime.artifact
+from gptj_tvm.core.child import run_json
+from gptj_tvm.core.errors import GptjError
 import tvm
 from gptj_tvm.frontend.layouts import quantized as quant
 from gptj_tvm.frontend.layouts.column_pairs import pair_tile, paired
@@ -248,9 +250,8 @@ def prefill_rounds(old: str, new: str, rounds: int) -> dict:
             if in_process:
                 seconds = time_prefills(gens[name])
             else:
-                done = subprocess.run([sys.executable, __file__, "--prefill-worker", folder], capture_output=True,
-                                      text=True, check=True)
-                seconds = {int(k): v for k, v in json.loads(done.stdout.strip().splitlines()[-1]).items()}
+                worker = run_json([sys.executable, __file__, "--prefill-worker", folder], what=f"{folder}'s prefill")
+                seconds = {int(k): v for k, v in worker.items()}
             for length in LENGTHS:
                 times[name][length].append(seconds[length])
     result = {"one_process": in_process}
@@ -325,14 +326,13 @@ def main(argv=None) -> int:
         print(f"{old} (old kernels) vs {new} (new), {args.rounds} rounds interleaved:")
         result["models"].append({"old": old, "new": new, **prefill_rounds(old, new, args.rounds)})
     if args.transformers:
-        done = subprocess.run([sys.executable, "-c", TRANSFORMERS_PREFILL, args.transformers, str(threads)],
-                              capture_output=True, text=True, check=False)
-        if done.returncode == 0:
-            result["transformers"] = json.loads(done.stdout.strip().splitlines()[-1])
+        try:
+            result["transformers"] = run_json([sys.executable, "-c", TRANSFORMERS_PREFILL, args.transformers, threads],
+                                              what="transformers")
             print("transformers bfloat16: " + ", ".join(f"prefill {n}: {result['transformers'][f'prefill_{n}_s']:.1f} s"
                                                        for n in (128, 512)))
-        else:
-            print(f"transformers failed: {done.stderr.strip().splitlines()[-1:]}")
+        except GptjError as err:
+            print(err)
     write_result(result, args.out)
     return 0
 

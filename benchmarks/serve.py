@@ -33,6 +33,8 @@ import time
 import numpy as np
 
 from gptj_tvm import default_threads  # importing gptj_tvm sets TVM_NUM_THREADS before TVM starts
+from gptj_tvm.core.child import run_json
+from gptj_tvm.core.errors import GptjError
 
 from report import write_result  # benchmarks/report.py (a script's folder is on its path)
 
@@ -53,11 +55,10 @@ def solo_worker(args) -> dict:
     prompt = prompts(1, args.prompt_tokens, gen.vocab_size, seed=99)[0]
     gen.generate(prompt[:8], max_new_tokens=2)  # warm up
     out = gen.generate(prompt, max_new_tokens=args.new_tokens, temperature=0)
-    c = gen.config
     return {"prefill_s": out.stats["prefill_s"], "decode_steps": out.stats["decode_steps"],
             "decode_ms": 1e3 * out.stats["decode_s"] / max(out.stats["decode_steps"], 1),
             "weight_bytes": gen.meta.weight_bytes, "vocab_size": gen.vocab_size,
-            "kv_bytes_per_position": 2 * c["n_layer"] * c["n_embd"] * (4 if gen.meta.dtype == "float32" else 2)}
+            "kv_bytes_per_position": gen.meta.kv_bytes_per_position}
 
 
 def transformers_worker(args) -> dict:
@@ -85,10 +86,10 @@ def transformers_worker(args) -> dict:
 def in_child(args, worker: str, python: str = sys.executable) -> dict:
     cmd = [python, __file__, args.artifact, "--worker", worker, "--prompt-tokens", str(args.prompt_tokens),
            "--new-tokens", str(args.new_tokens)] + (["--transformers", args.transformers] if args.transformers else [])
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        return {"error": (done.stderr.strip().splitlines() or ["failed"])[-1]}
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    try:
+        return run_json(cmd, what=worker)
+    except GptjError as err:
+        return {"error": str(err)}
 
 
 def free_port() -> int:

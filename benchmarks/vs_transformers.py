@@ -17,12 +17,13 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from gptj_tvm import default_threads  # importing gptj_tvm sets TVM_NUM_THREADS before TVM starts
+from gptj_tvm.core.child import run_json
+from gptj_tvm.core.errors import GptjError
 
 THREADS = int(os.environ.get("TVM_NUM_THREADS", default_threads()))
 
@@ -82,10 +83,10 @@ def in_process(args, side: str) -> dict:
     python = args.transformers_python if side == "transformers" else sys.executable
     cmd = [python, __file__, args.checkpoint, args.artifact, "--worker", side,
            "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens)]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        return {"error": (done.stderr.strip().splitlines() or ["failed"])[-1]}
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    try:
+        return run_json(cmd, what=side)
+    except GptjError as err:
+        return {"error": str(err)}
 
 
 def main() -> int:

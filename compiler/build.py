@@ -91,7 +91,7 @@ def build_library(config: GPTJConfig, dtype: str, target: tvm.target.Target, out
     schedule each kernel got (tuned ones from `tuned`, a MetaSchedule database, where it has them) and the
     kernels decode and prefill call, in order (what runs, counted from the compiled graph). On a GPU
     every kernel must come out bound to threads; the device code is built with nvcc (targets/cuda.py)."""
-    from gptj_tvm.frontend.model import bucket_function
+    from gptj_tvm.frontend.config import exported_functions
 
     mod, param_names = export_model(config, dtype, fuse_block, variant, prefill_buckets, batched)
     report: dict[str, str] = {}
@@ -100,9 +100,7 @@ def build_library(config: GPTJConfig, dtype: str, target: tvm.target.Target, out
     def schedule(module):
         scheduled, kinds = schedule_kernels(module, target, tuned)
         report.update(kinds)
-        functions = ("decode", "prefill", *(bucket_function(b) for b in prefill_buckets),
-                     *(("step",) if batched else ()))
-        calls.update({fn: pipeline.kernel_calls(scheduled, fn) for fn in functions})
+        calls.update({fn: pipeline.kernel_calls(scheduled, fn) for fn in exported_functions(prefill_buckets, batched)})
         if is_gpu(target):
             cuda.require_thread_bound(scheduled)
         return scheduled

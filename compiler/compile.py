@@ -32,7 +32,7 @@ from .options import CompileOptions, check_buckets
 def compile_model(model_dir, out_dir, options: CompileOptions | None = None, **changes) -> ArtifactMetadata:
     """`gptj-tvm compile`: library, converted weights (unless options.weights is False: `convert-weights` adds
     them later), tokenizer and metadata. `changes` override fields of `options` (CompileOptions)."""
-    from gptj_tvm.frontend.model import bucket_function
+    from gptj_tvm.frontend.config import bucket_function, exported_functions
 
     options = dataclasses.replace(options or CompileOptions(), **changes)
     out_dir = Path(out_dir)
@@ -54,7 +54,7 @@ def compile_model(model_dir, out_dir, options: CompileOptions | None = None, **c
         prefill_buckets = ()
     own = check_buckets(prefill_buckets, config)  # None: the defaults
     buckets = check_buckets([*own, *(b for b in tuned_buckets if b <= config.n_positions)], config)
-    # the serving engine's batched step (runtime/batch.py): CPUs and CUDA; the Vulkan bridge runs one sequence
+    # the serving engine's batched step (runtime/executors.py): CPUs and CUDA; the Vulkan bridge runs one sequence
     batched = tvm_target.kind.name in ("llvm", "cuda")
     artifact.check_replaceable(out_dir)
     with staging_dir(out_dir) as staging:
@@ -67,10 +67,9 @@ def compile_model(model_dir, out_dir, options: CompileOptions | None = None, **c
         tokenizer.save(str(staging / artifact.TOKENIZER))
         device = device_name(tvm_target)
         meta = ArtifactMetadata(
-            config=config.to_dict(), dtype=dtype, target=json.loads(str(tvm_target)), device=device,
+            config=config, dtype=dtype, target=json.loads(str(tvm_target)), device=device,
             tvm_version=tvm.__version__, params=params,
-            functions=["prefill", "prefill_all", "decode", *(bucket_function(b) for b in buckets),
-                       *(["step"] if batched else [])],
+            functions=exported_functions(buckets, batched),
             stop_token_ids=stop_token_ids(model_dir, config, tokenizer),
             fuse_block=options.fuse_block, layouts=variant.layouts.to_dict(),
             # the runtime prefills a prompt in chunks of these lengths (largest first)

@@ -41,8 +41,9 @@ def convert_weights(model_dir, artifact_dir, progress: bool = True) -> ArtifactM
     if not model_dir.is_dir():
         raise GptjError(f"{model_dir}: no such checkpoint folder")
     config = GPTJConfig.from_file(model_dir / "config.json")
-    if config.to_dict() != meta.config:
-        differs = sorted(k for k, v in config.to_dict().items() if meta.config.get(k) != v)
+    if config != meta.config:
+        built = meta.config.to_dict()
+        differs = sorted(k for k, v in config.to_dict().items() if built.get(k) != v)
         raise GptjError(f"{model_dir}: its config differs from the artifact's ({', '.join(differs)}); "
                         "compile this checkpoint instead")
     checkpoint = Checkpoint(model_dir, config)

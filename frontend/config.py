@@ -19,6 +19,17 @@ from gptj_tvm.core.errors import GptjError
 PREFILL_BUCKETS = (32, 128)
 
 DTYPES = ("float32", "float16", "bfloat16")
+
+
+def bucket_function(bucket: int) -> str:
+    return f"prefill_{bucket}"
+
+
+def exported_functions(prefill_buckets=(), batched: bool = False) -> list[str]:
+    """What a compiled artifact exports, in order: prefill (any length), prefill_all (logits at every position),
+    decode (one token), a static prefill per bucket, and with `batched` the engine's step over slot caches."""
+    return ["prefill", "prefill_all", "decode", *(bucket_function(b) for b in prefill_buckets),
+            *(["step"] if batched else [])]
 # lm_head's columns are padded with zeros to a multiple of this, so its GEMV splits into even, wide strips.
 LM_HEAD_PAD = 512
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +49,11 @@ class GPTJConfig:
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def kv_values_per_position(self) -> int:
+        """Keys and values of every layer for one token: what a KV cache holds per position."""
+        return 2 * self.n_layer * self.n_embd
 
     @property
     def padded_vocab_size(self) -> int:

@@ -31,7 +31,7 @@ from gptj_tvm.kernels import attention as cpu_attention
 from gptj_tvm.kernels import batch_attention, gpu_attention
 from gptj_tvm.kernels.attention import AttentionShape
 
-from .config import GPTJConfig
+from .config import GPTJConfig, bucket_function, exported_functions
 from .layouts import COLUMN_TILES, LinearLayout
 
 F32 = "float32"
@@ -285,7 +285,7 @@ class GPTJ(nn.Module):
     def get_default_spec(self, prefill_buckets: tuple[int, ...] = (), batched: bool = False):
         """The exported functions; each bucket B adds `prefill_B`, prefill of exactly B tokens: static shapes,
         so its kernels can be tuned (schedules/tune.py) and the runtime prefills long prompts in such chunks.
-        `batched` adds `step` over slot caches [slots, capacity, n_head, head_dim] (runtime/batch.py)."""
+        `batched` adds `step` over slot caches [slots, capacity, n_head, head_dim] (runtime/executors.py)."""
         c = self.config
         cache = nn.spec.Tensor(["cache_len", c.n_head, c.head_dim], self.dtype)  # up to n_positions
         caches = [cache] * (2 * c.n_layer)
@@ -294,19 +294,16 @@ class GPTJ(nn.Module):
         def method(n):
             return {"input_ids": nn.spec.Tensor([1, n], "int32"), "caches": caches, "total_len": int, "$": modes}
 
-        functions = {"prefill": method("seq_len"), "prefill_all": method("seq_len"), "decode": method(1)}
+        specs = {"prefill": method("seq_len"), "prefill_all": method("seq_len"), "decode": method(1)}
         for bucket in prefill_buckets:
             setattr(self, bucket_function(bucket), self.prefill)  # the spec looks methods up by name
-            functions[bucket_function(bucket)] = method(bucket)
+            specs[bucket_function(bucket)] = method(bucket)
         if batched:
             slot_cache = nn.spec.Tensor(["num_slots", "slot_len", c.n_head, c.head_dim], self.dtype)
-            functions["step"] = {"input_ids": nn.spec.Tensor([1, "rows"], "int32"),
+            specs["step"] = {"input_ids": nn.spec.Tensor([1, "rows"], "int32"),
                                  "slots": nn.spec.Tensor(["rows"], "int32"),
                                  "positions": nn.spec.Tensor(["rows"], "int32"),
                                  "logit_rows": nn.spec.Tensor(["logit_rows"], "int32"),
                                  "caches": [slot_cache] * (2 * c.n_layer), "$": modes}
+        functions = {name: specs[name] for name in exported_functions(prefill_buckets, batched)}
         return nn.spec.ModuleSpec.from_raw(functions, self)
-
-
-def bucket_function(bucket: int) -> str:
-    return f"prefill_{bucket}"

@@ -26,7 +26,7 @@ os.environ.setdefault("TVM_NUM_THREADS", str(default_threads()))
 def load(artifact_dir, device=None, adapter=None):
     """Load a compiled artifact and return a `Generator` (runtime only: no TVM compiler needed). `adapter`:
     which Vulkan adapter runs a Vulkan artifact (index or part of its name; default the first)."""
-    from .runtime.engine import Generator  # keep `import gptj_tvm` light
+    from .runtime.generator import Generator  # keep `import gptj_tvm` light
 
     return Generator.load(artifact_dir, device=device, adapter=adapter)
 

@@ -1,4 +1,8 @@
-"""The `gptj-tvm` command: one function per subcommand; errors become one line on stderr."""
+"""The `gptj-tvm` command: one function per subcommand; errors become one line on stderr.
+
+Past 400 lines for a reason: ten subcommands, each its parser (flags and help) beside the function that runs it,
+so that a flag and its use read together; the work itself lives in the packages.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,8 @@ from pathlib import Path
 
 from .core.errors import GptjError
 from .frontend.config import PREFILL_BUCKETS
-from .runtime.batch import DEFAULT_PREFILL_CHUNK
+from .runtime.serve_options import DEFAULTS as SERVE_DEFAULTS
+from .runtime.serve_options import ServeOptions
 
 DTYPE_CHOICES = ("float32", "float16", "bfloat16")
 
@@ -146,7 +151,6 @@ def cmd_serve(args) -> int:
     _runtime_library_only(args.artifact)
     try:
         from .runtime.server import serve  # uvicorn prints where it listens, the server when the model is ready
-        from .runtime.serving import ServeOptions
     except ImportError as err:
         raise GptjError(f"serving needs FastAPI, uvicorn and prometheus_client: pip install 'gptj-tvm[serve]' "
                         f"({err})") from None
@@ -353,26 +357,31 @@ def _add_serve(sub) -> None:
                                    "/health, /metrics (Prometheus), /tokenize and /detokenize. Requests are batched "
                                    "continuously: up to --max-batch sequences decode together, one weight read per "
                                    "step. SIGINT/SIGTERM drain: no new requests, running ones get --drain-seconds.")
-    p.add_argument("artifact", help="artifact folder made by `gptj-tvm compile` (CPU, with the batched step)")
+    p.add_argument("artifact", help="artifact folder made by `gptj-tvm compile` (Vulkan ones serve one sequence at "
+                                    "a time: they have no batched step)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="default 8000")
-    p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (default 8)")
-    p.add_argument("--max-queue", type=int, default=64,
-                   help="requests waiting for a sequence slot before new ones get 429 (default 64)")
+    d = SERVE_DEFAULTS
+    p.add_argument("--max-batch", type=int, default=d.max_batch,
+                   help=f"sequences decoded together (default {d.max_batch})")
+    p.add_argument("--max-queue", type=int, default=d.max_queue,
+                   help=f"requests waiting for a sequence slot before new ones get 429 (default {d.max_queue})")
     p.add_argument("--kv-cache-gb", type=float, metavar="G",
                    help="KV cache budget in GB (10^9 bytes) for all --max-batch sequences; sets the positions per "
                         "sequence (default: the model's context for each)")
-    p.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK, metavar="TOKENS",
+    p.add_argument("--prefill-chunk", type=int, default=d.prefill_chunk, metavar="TOKENS",
                    help="prompt tokens prefilled per step beside the running streams' tokens: smaller keeps their "
                         f"inter-token latency low while a prompt comes in, larger gets it in sooner (default "
-                        f"{DEFAULT_PREFILL_CHUNK})")
+                        f"{d.prefill_chunk})")
     p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1 and /tokenize, /detokenize "
                                      "(/health and /metrics stay open)")
     p.add_argument("--model-name", help="the model id clients name (default: the artifact folder's name)")
     p.add_argument("--max-tokens-limit", type=int, help="largest max_tokens accepted (default: a sequence's positions)")
-    p.add_argument("--max-n", type=int, default=16, help="largest n (choices per request) accepted (default 16)")
-    p.add_argument("--drain-seconds", type=float, default=30.0,
-                   help="on SIGINT/SIGTERM, how long running requests may take to finish (default 30)")
+    p.add_argument("--max-n", type=int, default=d.max_n,
+                   help=f"largest n (choices per request) accepted (default {d.max_n})")
+    p.add_argument("--drain-seconds", type=float, default=d.drain_seconds,
+                   help="on SIGINT/SIGTERM, how long running requests may take to finish "
+                        f"(default {d.drain_seconds:g})")
     p.set_defaults(func=cmd_serve)
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,12 +20,13 @@ import numpy as np
 import psutil
 from tqdm import tqdm
 
+from gptj_tvm.core.child import run_json
 from gptj_tvm.core.errors import GptjError
 from gptj_tvm.core.interleaved import compare
 
 from .artifact import ArtifactMetadata
 from .bench import StepReads, cache_at, prompt, read_bandwidth, time_prefill
-from .engine import Generator
+from .model import Model
 
 MEMORY_MARGIN = 1.25  # weights of both plus a quarter for caches and activations: loaded together
 
@@ -35,7 +35,7 @@ class Contender:
     """One artifact loaded, with a KV cache ready at the context: its decode steps and a prefill per round."""
 
     def __init__(self, folder, context: int, steps: int):
-        self.gen = Generator.load(folder)
+        self.gen = Model.load(folder)
         self.context = min(context, self.gen.context - steps + 1)
         self.steps = steps
         self.cache = cache_at(self.gen, self.context, steps)
@@ -58,13 +58,8 @@ class Contender:
 
 
 def _round_in_child(folder, context: int, steps: int, prefill_tokens: int) -> dict:
-    done = subprocess.run([sys.executable, "-m", "gptj_tvm.runtime.ab", str(folder), "--context", str(context),
-                           "--steps", str(steps), "--prefill", str(prefill_tokens)],
-                          capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise GptjError(f"{folder}: timing it in a child process failed: "
-                        f"{(done.stderr.strip().splitlines() or ['?'])[-1]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_json([sys.executable, "-m", "gptj_tvm.runtime.ab", folder, "--context", context, "--steps", steps,
+                     "--prefill", prefill_tokens], what=f"{folder}: timing it in a child process")
 
 
 def run_ab(a, b, rounds: int = 5, context: int = 128, steps: int = 8, prefill_tokens: int = 128,
@@ -73,7 +68,8 @@ def run_ab(a, b, rounds: int = 5, context: int = 128, steps: int = 8, prefill_to
         raise GptjError(f"--rounds must be at least 2 to compare rounds, got {rounds}")
     metas = [ArtifactMetadata.read(Path(folder)) for folder in (a, b)]
     if metas[0].config != metas[1].config:
-        differs = sorted(k for k in metas[0].config if metas[0].config[k] != metas[1].config.get(k))
+        first, second = (m.config.to_dict() for m in metas)
+        differs = sorted(k for k in first if first[k] != second.get(k))
         raise GptjError(f"{a} and {b} are different models ({', '.join(differs)} differ): A/B compares two "
                         "builds of one model")
     weight_bytes = [meta.weight_bytes for meta in metas]

@@ -19,6 +19,7 @@ import json
 from pathlib import Path
 
 from gptj_tvm.core.errors import GptjError
+from gptj_tvm.frontend.config import GPTJConfig
 from gptj_tvm.frontend.layouts import LayoutPlan
 from gptj_tvm.targets.host import isa_features
 
@@ -32,7 +33,7 @@ TOKENIZER = "tokenizer.json"
 @dataclasses.dataclass
 class ArtifactMetadata:
     """What compile recorded about an artifact; `weight_files` and its hashes are filled in when it is saved."""
-    config: dict  # frontend.config.GPTJConfig.to_dict()
+    config: GPTJConfig  # metadata.json holds its to_dict()
     dtype: str
     target: dict
     device: str  # cpu, cuda, vulkan
@@ -57,6 +58,15 @@ class ArtifactMetadata:
     weights_sha256: str = ""
     format_version: int = FORMAT_VERSION
 
+    def __post_init__(self):
+        if isinstance(self.config, dict):
+            self.config = GPTJConfig(**self.config)
+
+    @property
+    def kv_bytes_per_position(self) -> int:
+        """KV-cache bytes one token takes (the caches are in the artifact's dtype)."""
+        return self.config.kv_values_per_position * (4 if self.dtype == "float32" else 2)
+
     @property
     def plan(self) -> LayoutPlan:
         return LayoutPlan.from_dict(self.layouts)
@@ -67,7 +77,7 @@ class ArtifactMetadata:
 
     @property
     def n_layer(self) -> int:
-        return int(self.config["n_layer"])
+        return self.config.n_layer
 
     @property
     def weight_bytes(self) -> int:

@@ -13,11 +13,9 @@ model here would take minutes).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import resource
-import subprocess
 import sys
 import time
 from collections import defaultdict
@@ -27,7 +25,10 @@ import ml_dtypes
 import numpy as np
 from tqdm import tqdm
 
-from .engine import Generator
+from gptj_tvm.core.child import run_json
+from gptj_tvm.core.errors import GptjError
+
+from .model import Model
 
 PREFILLS = (128, 512)
 CONTEXTS = (128, 1024)
@@ -51,11 +52,12 @@ def read_bandwidth(gib: float = 4.0, repeats: int = 10) -> float | None:
     """Read bandwidth with every thread (bytes/s), measured in a child process so that its buffer stays out of
     this one's RSS; None where this TVM has no compiler to build the probe's kernel."""
     env = {k: v for k, v in os.environ.items() if k != "TVM_USE_RUNTIME_LIB"}  # it compiles its kernel
-    done = subprocess.run([sys.executable, "-m", "gptj_tvm.targets.bandwidth", "--json", "--gib", str(gib),
-                           "--repeats", str(repeats)], capture_output=True, text=True, check=False, env=env)
-    if done.returncode != 0:
+    try:
+        probe = run_json([sys.executable, "-m", "gptj_tvm.targets.bandwidth", "--json", "--gib", gib,
+                          "--repeats", repeats], env=env)
+    except GptjError:
         return None
-    return float(json.loads(done.stdout.strip().splitlines()[-1])["read_bandwidth"])
+    return float(probe["read_bandwidth"])
 
 
 def tensor_bytes(tensor) -> int:
@@ -67,7 +69,7 @@ class StepReads:
     """The bytes each kernel of a decode step reads, from the tensors it is called with: a weight whole, a
     ROW_TABLES parameter one row, a KV cache tensor up to `positions` unless the kernel only writes it."""
 
-    def __init__(self, gen: Generator, cache, positions: int):
+    def __init__(self, gen: Model, cache, positions: int):
         self.params = {t.data_ptr(): (name, t) for name, t in gen.weights.items()}
         self.cache = {t.data_ptr(): t for t in cache}
         self.positions = positions
@@ -90,7 +92,7 @@ class StepReads:
         return total
 
 
-def profile_decode(gen: Generator, cache, token: int, total: int) -> list[dict]:
+def profile_decode(gen: Model, cache, token: int, total: int) -> list[dict]:
     """One decode step (the cache then holds `total` tokens) with the kernel profiler: per kernel, its calls,
     milliseconds and bytes read, slowest first."""
     calls = gen.profile("decode", [token], cache, total, measure=StepReads(gen, cache, total))
@@ -106,7 +108,7 @@ def profile_decode(gen: Generator, cache, token: int, total: int) -> list[dict]:
 def run_bench(folder, progress: bool = True) -> dict:
     folder = Path(folder)
     start = time.perf_counter()
-    gen = Generator.load(folder)
+    gen = Model.load(folder)
     result = {"artifact": str(folder), "dtype": gen.meta.dtype, "quantization": gen.meta.quantization,
               "target": gen.meta.target, "load_s": time.perf_counter() - start,
               "peak_rss_after_load_bytes": peak_rss_bytes(),
@@ -164,13 +166,13 @@ def add_bound(result: dict, bandwidth: float, samples: list[float] | None = None
             row["x_bound"] = row["total_ms"] / row["bound_ms"] if row["read_bytes"] else None
 
 
-def time_prefill(gen: Generator, n: int) -> float:
+def time_prefill(gen: Model, n: int) -> float:
     """Seconds of an n-token prefill into a fresh cache, the best of two."""
     ids = prompt(n, gen.vocab_size)
     return min(_timed(lambda: gen.forward("prefill", ids, gen.new_cache(n), n)) for _ in range(2))
 
 
-def cache_at(gen: Generator, context: int, steps: int = DECODE_STEPS + 2):
+def cache_at(gen: Model, context: int, steps: int = DECODE_STEPS + 2):
     """A cache holding context - 1 positions, with room for `steps` decode steps from there."""
     cache = gen.new_cache(min(context + steps, gen.context))
     if context <= max(PREFILLS):

@@ -1,319 +1,193 @@
-"""Run a compiled artifact: load the library and weights, own the KV cache, prefill, decode, sample, stream.
+"""The one engine: every way of generating (`Generator.generate`, `.stream`, `.generate_batch`, the server) submits
+requests here, and each step is three: schedule (runtime/scheduler.py: which rows), execute (runtime/executors.py:
+the model on them), update (sample the logits, hand out events, finish what is done).
 
-Imports TVM's runtime only (tvm.runtime), never its compiler, so it works with a runtime-only TVM.
+With the batched step, a step takes one token of every running sequence and, within a token budget, the next chunk
+of a waiting prompt (chunked prefill): the GEMMs read each weight once for all the rows, and a long prompt never
+stalls the running streams for more than one chunk. A sequence's logits do not depend on its neighbours (the per-row
+arithmetic of every kernel is the same whatever else is in the batch), and its sampling has its own random
+generator, so a request gets the tokens it would get alone.
+
+The engine runs on the caller's thread (`step`, `run_until_idle`) or on a thread of its own (`start`, the server):
+the compiled step releases the GIL, so the server keeps answering meanwhile. Events reach each request's
+`on_event` on the engine's thread.
 """
 
 from __future__ import annotations
 
+import threading
 import time
-from pathlib import Path
-from typing import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
-import tvm
-import tvm.runtime
-from safetensors import SafetensorError, safe_open
-from tvm.runtime.vm import VirtualMachine
 
-from gptj_tvm.core.errors import GptjError
-
-from .artifact import ArtifactMetadata
-from .generation import Generation, TextStream, check_sampling, finish_stats, held_back
-from .profiler import record_calls
+from .generation import check_prompt
 from .sampling import next_token
-from .tokenizer import ArtifactTokenizer
+from .scheduler import QueueFull, Request, SamplingParams, Scheduler, StepPlan
 
-DEVICES = {"cpu": tvm.cpu, "cuda": tvm.cuda, "vulkan": lambda index=0: tvm.runtime.device("webgpu", index)}
+__all__ = ["Engine", "FinishEvent", "QueueFull", "Request", "SamplingParams", "TokenEvent"]
 
 
-class Generator:
-    def __init__(self, folder: Path, meta: ArtifactMetadata, vm: VirtualMachine, device, params,
-                 tokenizer: ArtifactTokenizer):
-        self.folder = folder
-        self.meta = meta
-        self.config = meta.config
-        self.context = int(self.config["n_positions"])
-        # eos and, for some fine-tunes, their end marker (Dolly's `### End`)
-        self.stop_token_ids = frozenset(int(i) for i in meta.stop_token_ids)
-        self.vocab_size = int(self.config["vocab_size"])
-        self.device = device
-        self.tokenizer = tokenizer
-        self._vm = vm
-        self._params = params
+@dataclass(frozen=True)
+class TokenEvent:
+    token: int
+    logprob: float | None = None  # the token's log-probability under the model (temperature 1), with logprobs
+    top_logprobs: list[tuple[int, float]] | None = None
 
-    @classmethod
-    def load(cls, folder, device: str | None = None, adapter: str | None = None) -> "Generator":
-        """`adapter`: for Vulkan artifacts, the adapter's index or part of its name (default: the first)."""
-        folder = Path(folder)
-        meta = ArtifactMetadata.read(folder)
-        meta.check_compatible(folder, tvm.__version__)
-        kind = device or meta.device
-        if kind != meta.device or kind not in DEVICES:
-            raise GptjError(f"{folder}: built for device {meta.device!r}, not {kind!r}")
-        if adapter is not None and kind != "vulkan":
-            raise GptjError(f"--device picks a Vulkan adapter; {folder} runs on {kind}")
-        sizes = weight_sizes(folder, meta)
-        dev = DEVICES[kind](open_vulkan(meta, adapter, sizes) if kind == "vulkan" else 0)
-        if not _device_exists(dev):
-            raise GptjError(f"{folder}: needs a {kind} device, and none is visible")
-        if kind == "cuda":
-            check_cuda_arch(folder, meta, dev)
-        try:
-            lib = tvm.runtime.load_module(str(folder / meta.library))
-        except Exception as err:  # noqa: BLE001  (TVM raises many kinds; the user needs one line)
-            raise GptjError(f"{folder / meta.library}: cannot load the compiled library ({err})") from None
-        # CPU: the naive allocator hands intermediates back to the system; the pooled one keeps a buffer for
-        # every size it saw (each prompt length), which a 24 GB machine running a 12 GB model cannot spare
-        vm = VirtualMachine(lib, dev, memory_cfg="naive" if kind == "cpu" else "pooled")
-        params = load_params(folder, meta, dev, sizes)
-        tokenizer = ArtifactTokenizer(folder / meta.tokenizer)
-        return cls(folder, meta, vm, dev, params, tokenizer)
 
-    # -- the model -------------------------------------------------------------------------------------
-    def forward(self, function: str, ids: Sequence[int], cache, total: int) -> tuple[np.ndarray, object]:
-        """Run "prefill", "prefill_all" or "decode" on ids appended to cache (which then holds total tokens);
-        returns float32 logits [positions, vocab_size] and the updated cache. An artifact with prefill
-        buckets (static-length prefill functions: float CPU artifacts, and tuned ones) prefills in chunks of
-        those lengths."""
-        if not len(ids) <= total <= int(cache[0].shape[0]):
-            raise GptjError(f"{total} tokens do not fit a KV cache of {int(cache[0].shape[0])} positions")
-        if function == "prefill" and self.meta.prefill_buckets:
-            logits, start = None, total - len(ids)
-            for name, piece in self._prefill_pieces(len(ids)):
-                logits, cache = self._call(name, ids[:piece], cache, start + piece)
-                ids, start = ids[piece:], start + piece
-            return logits, cache
-        return self._call(function, ids, cache, total)
+@dataclass(frozen=True)
+class FinishEvent:
+    reason: str  # "eos", "length" (max_tokens), "context" (the sequence's positions are full), "cancelled", "error"
+    message: str = ""
 
-    def _prefill_pieces(self, n: int) -> list[tuple[str, int]]:
-        """A prompt of n tokens as (function, length) pieces: the artifact's prefill buckets, largest
-        first while one fits, then the dynamic prefill for what is left. The logits come from the last."""
-        buckets = sorted(((int(b), f) for b, f in self.meta.prefill_buckets.items()), reverse=True)
-        pieces = []
-        for bucket, function in buckets:
-            while n >= bucket:
-                pieces.append((function, bucket))
-                n -= bucket
-        return pieces + ([("prefill", n)] if n else [])
+
+class Engine:
+    def __init__(self, model, executor, max_queue: int = 64, prefill_chunk: int | None = None):
+        """executor: runtime/executors.py's, over `model`; prefill_chunk: prompt tokens per step beside the decode
+        rows (None: whole prompts)."""
+        self.model, self.executor = model, executor
+        self.scheduler = Scheduler(executor.max_batch, max_queue, prefill_chunk)
+        self.stop_token_ids = model.stop_token_ids
+        self._lock = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._accepting = True
+        self._stop = False
+        self.steps = 0
 
     @property
-    def weights(self) -> dict:
-        """The loaded weights by name (TVM tensors on the device), in the order the compiled functions take them."""
-        return dict(zip(self.meta.params, self._params))
+    def positions(self) -> int:
+        """Positions one sequence may fill (prompt and generated tokens)."""
+        return self.executor.positions
 
-    def profile(self, function: str, ids: Sequence[int], cache, total: int, measure=None) -> list[tuple]:
-        """Runs `function` once on ids with TVM's kernel profiler hook: [(kernel or builtin, seconds,
-        measure(name, call arguments) or None), ...] in call order (runtime/profiler.py)."""
-        _, calls = record_calls(self._vm, function, *self._arguments(ids, cache, total), measure=measure)
-        return calls
+    # -- requests ----------------------------------------------------------------------------------------
+    def check_prompt(self, prompt_ids) -> list[int]:
+        """The prompt as ids, or GptjError (PromptTooLong past what a sequence holds here)."""
+        return check_prompt(prompt_ids, self.model.vocab_size, self.executor.max_prompt_tokens, self.model.context)
 
-    def _arguments(self, ids: Sequence[int], cache, total: int) -> tuple:
-        """What the compiled functions take: token ids [1, n], the KV cache, its length after them, the weights."""
-        tokens = tvm.runtime.tensor(np.asarray(ids, dtype=np.int32).reshape(1, -1), self.device)
-        return tokens, cache, tvm.runtime.ShapeTuple([total]), self._params
+    def submit(self, prompt_ids, params: SamplingParams, on_event: Callable) -> Request:
+        """Queue a request; raises GptjError for one that can never run and QueueFull when the queue is full."""
+        request = Request(self.check_prompt(prompt_ids), params, on_event)
+        with self._lock:
+            if not self._accepting:
+                raise QueueFull("the server is shutting down")
+            self.scheduler.add(request)
+            self._lock.notify()
+        return request
 
-    def _call(self, function: str, ids: Sequence[int], cache, total: int) -> tuple[np.ndarray, object]:
-        try:
-            logits = self._vm[function](*self._arguments(ids, cache, total))
-        except RuntimeError as err:
-            if self.meta.device != "vulkan":
-                raise
-            # runtime/vulkan.py's errors come back through TVM's runtime as RuntimeError, already one line
-            raise GptjError(str(err).strip().splitlines()[-1] if str(err).strip() else "Vulkan failed") from None
-        return logits.numpy().reshape(-1, logits.shape[-1])[:, : self.vocab_size], cache
+    def stats(self) -> dict:
+        with self._lock:
+            stats = self.scheduler.stats()
+        return {**stats, "kv_tokens": self.executor.max_batch * self.positions, "steps": self.steps}
 
-    def run_step(self, tokens, slots, positions, logit_rows, caches):
-        """The batched `step` (runtime/batch.py): rows of several sequences over slot caches."""
-        return self._vm["step"](tokens, slots, positions, logit_rows, caches, self._params)
-
-    def new_cache(self, capacity: int | None = None):
-        """Key and value caches for every layer, [capacity, n_head, head_dim] (capacity: the positions the
-        sequence will fill, n_positions by default; GPT-J-6B's full cache is 0.9 GB in bfloat16); the compiled
-        functions write them in place. Positions past the current length are never read, so a cache needs no
-        clearing; each sequence gets its own, so a `logits()` call in the middle of a stream leaves the
-        stream's alone."""
-        c = self.config
-        capacity = min(capacity or self.context, self.context)
-        shape = (capacity, c["n_head"], c["n_embd"] // c["n_head"])
-        return tvm.runtime.convert(
-            [tvm.runtime.empty(shape, self.meta.dtype, self.device) for _ in range(2 * c["n_layer"])])
-
-    def logits(self, ids: Sequence[int]) -> np.ndarray:
-        """float32 logits [len(ids), vocab_size] at every position of ids."""
-        ids = self._check_ids(ids)
-        return self.forward("prefill_all", ids, self.new_cache(len(ids)), len(ids))[0]
-
-    def _check_ids(self, ids: Sequence[int]) -> list[int]:
-        ids = [int(i) for i in ids]
-        if not ids:
-            raise GptjError("the prompt is empty")
-        if len(ids) > self.context:
-            raise GptjError(f"the prompt has {len(ids)} tokens, past the model's context of {self.context}")
-        bad = [i for i in ids if not 0 <= i < self.vocab_size]
-        if bad:
-            raise GptjError(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
-        return ids
-
-    # -- generation ------------------------------------------------------------------------------------
-    def _token_stream(self, prompt_ids: list[int], max_new_tokens: int, temperature: float, top_k: int,
-                      top_p: float, seed: int | None, stats: dict) -> Iterator[int]:
-        """Yields new token ids; fills stats with prefill and decode timings."""
-        rng = np.random.default_rng(seed)
-        start = time.perf_counter()
-        cache = self.new_cache(len(prompt_ids) + max_new_tokens)
-        logits, cache = self.forward("prefill", prompt_ids, cache, len(prompt_ids))
-        last = logits[-1]
-        stats["prefill_s"] = time.perf_counter() - start
-        stats["prompt_tokens"] = len(prompt_ids)
-        stats["decode_s"] = 0.0
-        stats["decode_steps"] = 0
-        total = len(prompt_ids)
-        for step in range(max_new_tokens):
-            token = next_token(last, rng, temperature, top_k, top_p)
-            yield token
-            total += 1
-            if token in self.stop_token_ids or step == max_new_tokens - 1 or total >= self.context:
-                return
-            start = time.perf_counter()
-            logits, cache = self.forward("decode", [token], cache, total)
-            last = logits[-1]
-            stats["decode_s"] += time.perf_counter() - start
-            stats["decode_steps"] += 1
-
-    def _events(self, prompt, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                seed: int | None = None, stop: Sequence[str] = ()) -> Iterator[tuple[str, Generation]]:
-        """Yields (new text piece, the generation so far); the last Generation is complete."""
-        check_sampling(max_new_tokens, temperature, top_k, top_p, seed)
-        prompt_ids = self._check_ids(self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt)
-        stop = [s for s in stop if s]
-        result = Generation(text="", ids=[], prompt_ids=prompt_ids)
-        emitted = 0
-        for token in self._token_stream(prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, result.stats):
-            result.ids.append(token)
-            if token in self.stop_token_ids:
-                result.finish_reason = "eos"
-                break
-            text = self.tokenizer.decode(result.ids)
-            cut = min((text.find(s) for s in stop if s in text), default=-1)
-            if cut >= 0:
-                result.text = text[:cut]
-                result.finish_reason = "stop"
-                break
-            ready = len(text) - held_back(text, stop)
-            if ready > emitted:
-                result.text = text[:ready]
-                yield text[emitted:ready], result
-                emitted = ready
-        else:
-            result.finish_reason = "length" if len(result.ids) == max_new_tokens else "context"
-        if result.finish_reason != "stop":
-            result.text = self.tokenizer.decode(result.ids)
-        if len(result.text) > emitted:
-            yield result.text[emitted:], result
-        finish_stats(result.stats)
-        yield "", result
-
-    def stream(self, prompt, **kwargs) -> "TextStream":
-        """Text pieces as they are decoded (text that could begin a stop string is held back); once the
-        stream is exhausted, its `.result` is the complete Generation."""
-        return TextStream(self._events(prompt, **kwargs))
-
-    def generate(self, prompt, **kwargs) -> Generation:
-        result = None
-        for _, result in self._events(prompt, **kwargs):
+    # -- driving it --------------------------------------------------------------------------------------
+    def run_until_idle(self) -> None:
+        """Run steps on this thread until no request is waiting or running."""
+        while self.step():
             pass
-        return result
 
-    def generate_batch(self, prompts: Sequence, **kwargs) -> list[Generation]:
-        """`generate` for many prompts, batched (runtime/batch.py): one Generation per prompt, in order, each
-        what `generate` gives it alone; `max_batch` (default 8) sequences run together."""
-        from .batch import generate_batch
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="gptj-tvm engine", daemon=True)
+        self._thread.start()
 
-        return generate_batch(self, prompts, **kwargs)
+    def shutdown(self, drain_seconds: float = 30.0) -> None:
+        """Take no new requests, let the running and waiting ones finish for up to drain_seconds, cancel the
+        rest, and stop the thread."""
+        with self._lock:
+            self._accepting = False
+        deadline = time.monotonic() + drain_seconds
+        while time.monotonic() < deadline and self.scheduler.has_work and self._thread is not None:
+            time.sleep(0.05)
+        with self._lock:
+            for request in [*self.scheduler.running, *self.scheduler.waiting]:
+                request.cancel()
+            self._stop = True
+            self._lock.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=60)
+        if self.scheduler.has_work:  # no thread, or it did not get to them
+            self.step()
 
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not (self.scheduler.has_work or self._stop):
+                    self._lock.wait()
+                if self._stop and not self.scheduler.has_work:
+                    return
+            self.step()
 
-def runnable_here(meta: ArtifactMetadata) -> bool:
-    """Whether this machine has the artifact's device (and the artifact its weights)."""
-    if meta.device not in DEVICES or meta.weights_pending:
-        return False
-    if meta.device == "vulkan":
-        from . import vulkan
-
+    # -- one step: schedule, execute, update ---------------------------------------------------------------
+    def step(self) -> bool:
+        """Returns whether any request is left."""
+        with self._lock:
+            plan = self.scheduler.schedule()
+        for request in plan.cancelled:
+            self.executor.release(request)
+            _emit(request, FinishEvent("cancelled"))
+        if not plan.chunks:
+            with self._lock:
+                return self.scheduler.has_work
+        start = time.perf_counter()
         try:
-            return bool(vulkan.adapters())
-        except GptjError:  # no wgpu
-            return False
-    return _device_exists(DEVICES[meta.device](0))
+            logits = self.executor.execute(plan)
+        except Exception as err:  # noqa: BLE001  (one failed step ends its requests, never the engine)
+            message = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+            for request in plan.requests:
+                self._finish(request, "error", message)
+            with self._lock:
+                return self.scheduler.has_work
+        self._update(plan, logits, time.perf_counter() - start)
+        with self._lock:
+            return self.scheduler.has_work
+
+    def _update(self, plan: StepPlan, logits: np.ndarray, seconds: float) -> None:
+        self.steps += 1
+        with self._lock:
+            self.scheduler.advance(plan)
+        for chunk in plan.chunks:
+            stats = chunk.request.stats
+            if chunk.prompt:
+                stats["prefill_s"] += seconds
+            else:
+                stats["decode_s"] += seconds
+                stats["decode_steps"] += 1
+        for request, row in zip(plan.sampled, logits):
+            try:
+                self._sample(request, row)
+            except Exception as err:  # noqa: BLE001  (a bad row, e.g. NaN logits, ends its request only)
+                self._finish(request, "error", f"sampling failed: {err}")
+
+    def _sample(self, request: Request, logits: np.ndarray) -> None:
+        p = request.params
+        token = next_token(logits, request.rng, p.temperature, p.top_k, p.top_p)
+        request.tokens.append(token)
+        if request.first_token_s is None:
+            request.first_token_s = time.perf_counter() - request.submitted
+        event = TokenEvent(token)
+        if p.logprobs is not None:
+            shifted = logits.astype(np.float64) - logits.max()
+            logp = shifted - np.log(np.exp(shifted).sum())
+            top = np.argsort(-logp, kind="stable")[:p.logprobs] if p.logprobs else []
+            event = TokenEvent(token, float(logp[token]), [(int(i), float(logp[i])) for i in top])
+        _emit(request, event)
+        if token in self.stop_token_ids:
+            self._finish(request, "eos")
+        elif len(request.tokens) >= p.max_tokens:
+            self._finish(request, "length")
+        elif len(request.prompt_ids) + len(request.tokens) >= self.positions:
+            self._finish(request, "context")
+
+    def _finish(self, request: Request, reason: str, message: str = "") -> None:
+        with self._lock:
+            self.scheduler.finish(request, reason)
+        self.executor.release(request)
+        _emit(request, FinishEvent(reason, message))
 
 
-def _device_exists(device) -> bool:
+def _emit(request: Request, event: TokenEvent | FinishEvent) -> None:
+    """Hand an event to its request's callback; a callback that fails cancels its own request, never the engine."""
     try:
-        return bool(device.exist)
-    except Exception:  # noqa: BLE001  (TVM's CUDA runtime fails to load without a driver: no device)
-        return False
-
-
-def open_vulkan(meta: ArtifactMetadata, adapter: str | None, sizes: list[tuple[int, str, str]]) -> int:
-    """Make this process able to run a Vulkan artifact (its weights: `sizes`, from weight_sizes), on the
-    adapter asked for; returns its index."""
-    from . import vulkan  # wgpu is imported only for Vulkan artifacts
-
-    index = vulkan.pick_adapter(adapter)
-    found = vulkan.describe(vulkan.adapters()[index])
-    missing = [f for f in meta.device_features if f not in found["features"]]
-    if missing:
-        raise GptjError(f"Vulkan adapter {found['name']} lacks {', '.join(missing)}, which this "
-                        f"{meta.dtype} artifact needs; compile it with --dtype float32")
-    largest, _, name = max(sizes, default=(0, "", ""))
-    if largest > vulkan.max_buffer_bytes(index):
-        raise GptjError(f"Vulkan adapter {found['name']} binds at most {vulkan.max_buffer_bytes(index) >> 20} MiB "
-                        f"per buffer, and weight {name} is {largest >> 20} MiB")
-    vulkan.select(index)
-    return index
-
-
-def check_cuda_arch(folder: Path, meta: ArtifactMetadata, device) -> None:
-    """Machine code for sm_XY runs on GPUs of compute capability X.Y and up (within a generation the
-    fatbin's PTX is JIT-compiled for newer ones); an older GPU cannot run it."""
-    built = str(meta.target.get("arch", "sm_0"))
-    need = int("".join(ch for ch in built[len("sm_"):] if ch.isdigit()) or 0)
-    have = int(str(device.compute_version).replace(".", ""))
-    if have < need:
-        raise GptjError(f"{folder}: built for {built}, but this GPU ({device.device_name}) is "
-                        f"sm_{have}; compile it with --arch sm_{have}")
-
-
-_ITEM_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1}
-
-
-def weight_sizes(folder: Path, meta: ArtifactMetadata) -> list[tuple[int, str, str]]:
-    """(bytes, file, tensor name) of every weight of the artifact, from the files' headers."""
-    sizes = []
-    for name in meta.weight_files:
-        try:
-            with safe_open(str(folder / name), framework="np") as f:
-                for key in f.keys():
-                    info = f.get_slice(key)
-                    sizes.append((int(np.prod(info.get_shape())) * _ITEM_BYTES.get(info.get_dtype(), 4), name, key))
-        except (SafetensorError, OSError, ValueError) as err:
-            raise GptjError(f"{folder / name}: corrupt weight file ({err})") from None
-    return sizes
-
-
-def load_params(folder: Path, meta: ArtifactMetadata, device,
-                sizes: list[tuple[int, str, str]]) -> "tvm.runtime.Object":
-    """The weights (`sizes`, from weight_sizes) as one packed tuple, in the order the compiled functions take
-    them."""
-    tensors = {}
-    # One tensor at a time (its file pages leave the process with it), the largest first: loading one holds it
-    # twice for a moment, which then happens while little else is loaded (GPT-J-6B: 0.4 GB embedding, lm_head).
-    for _, name, key in sorted(sizes, key=lambda entry: -entry[0]):
-        try:
-            with safe_open(str(folder / name), framework="np") as f:
-                tensors[key] = tvm.runtime.tensor(f.get_tensor(key), device)
-        except (SafetensorError, OSError, ValueError) as err:
-            raise GptjError(f"{folder / name}: corrupt weight file ({err})") from None
-    missing = [p for p in meta.params if p not in tensors]
-    if missing:
-        raise GptjError(f"{folder}: weight {missing[0]} missing from the artifact")
-    return tvm.runtime.convert([tensors[p] for p in meta.params])
+        request.on_event(event)
+    except Exception:  # noqa: BLE001  (the caller's code: whatever it raises stays with its request)
+        request.cancel()

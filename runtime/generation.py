@@ -1,5 +1,5 @@
 """What a generation is and the checks every way of generating shares (Generator.generate, generate_batch, the
-server)."""
+server): the one prompt check and the one check of sampling arguments."""
 
 from __future__ import annotations
 
@@ -9,13 +9,17 @@ from typing import Iterator, Sequence
 from gptj_tvm.core.errors import GptjError
 
 
+class PromptTooLong(GptjError):
+    """The prompt does not fit the positions a sequence has (the server answers 400 context_length_exceeded)."""
+
+
 @dataclass
 class Generation:
     text: str
     ids: list[int]
     prompt_ids: list[int]
     stats: dict = field(default_factory=dict)
-    finish_reason: str = "length"
+    finish_reason: str = "length"  # "eos", "stop" (a stop string), "length" (max_new_tokens), "context"
 
 
 class TextStream:
@@ -29,15 +33,21 @@ class TextStream:
                 yield piece
 
 
-def held_back(text: str, stops: Sequence[str]) -> int:
-    """How many trailing characters to hold: an unfinished UTF-8 sequence, or the start of a stop string."""
-    hold = 1 if text.endswith("\ufffd") else 0
-    for stop in stops:
-        for n in range(min(len(stop) - 1, len(text)), 0, -1):
-            if text.endswith(stop[:n]):
-                hold = max(hold, n)
-                break
-    return hold
+def check_prompt(ids: Sequence[int], vocab_size: int, max_tokens: int, context: int) -> list[int]:
+    """The prompt's ids as ints; GptjError for an empty one, one with an id outside the vocabulary, and
+    PromptTooLong past max_tokens (the model's context, or less where a sequence holds fewer positions)."""
+    ids = [int(i) for i in ids]
+    if not ids:
+        raise GptjError("the prompt is empty")
+    if len(ids) > max_tokens:
+        if max_tokens >= context:
+            raise PromptTooLong(f"the prompt has {len(ids)} tokens, past the model's context of {context}")
+        raise PromptTooLong(f"the prompt has {len(ids)} tokens; this engine holds at most {max_tokens} prompt "
+                            f"tokens per sequence (context {context})")
+    bad = [i for i in ids if not 0 <= i < vocab_size]
+    if bad:
+        raise GptjError(f"token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1})")
+    return ids
 
 
 def check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: float, seed: int | None = None) -> None:

@@ -14,15 +14,14 @@ from pathlib import Path
 
 
 from .artifact import ArtifactMetadata
-from gptj_tvm.frontend.config import GPTJConfig
 from gptj_tvm.frontend.layouts import LinearLayout
 
-from .engine import Generator, runnable_here, weight_sizes
+from .model import Model, runnable_here, weight_sizes
 
 PREFILL_TOKENS = 4
 
 
-def _kernel_calls(gen: Generator, function: str, ids: list[int], cache, total: int) -> list[str]:
+def _kernel_calls(gen: Model, function: str, ids: list[int], cache, total: int) -> list[str]:
     return [name for name, _, _ in gen.profile(function, ids, cache, total) if not name.startswith("vm.builtin.")]
 
 
@@ -52,7 +51,7 @@ def inspect_artifact(folder, run: bool | None = None) -> dict:
     run = runnable_here(meta) if run is None else run
     n_layer = meta.n_layer
     if run:
-        gen = Generator.load(folder)
+        gen = Model.load(folder)
         cache = gen.new_cache()
         prompt = list(range(1, PREFILL_TOKENS + 1))
         prefill = _kernel_calls(gen, "prefill", prompt, cache, len(prompt))
@@ -96,7 +95,7 @@ def inspect_artifact(folder, run: bool | None = None) -> dict:
 
 def layouts_in_use(meta: ArtifactMetadata) -> dict[str, LinearLayout]:
     """The layout of block 0's first linear (W_in, or q_proj unfused) and of lm_head, as the plan gives them."""
-    config = GPTJConfig(**meta.config)
+    config = meta.config
     d = config.n_embd
     first, in_out = ("h.0.w_in", (d, 3 * d + config.d_ff)) if meta.fuse_block else ("h.0.attn.q_proj", (d, d))
     return {"blocks": meta.plan.layout_for(first, *in_out),

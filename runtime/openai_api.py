@@ -1,5 +1,5 @@
 """OpenAI's API shapes for the server (runtime/server.py): the request models and their checks, prompts (the
-chat template included), the text of a choice as its tokens arrive, and the JSON of responses and stream chunks.
+chat template included), finish reasons, logprobs, and the JSON of responses and stream chunks.
 
 Fields OpenAI servers accept but this one cannot honour are refused (400, naming the field) only where they
 would change the result (`UNHONOURED`); any other unknown field is ignored, as vLLM does.
@@ -13,13 +13,18 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .generation import held_back
+from .text import IncrementalText
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 503: "service_unavailable"}
-FINISH_REASONS = {"eos": "stop", "length": "length", "context": "length"}  # the engine's -> OpenAI's
+FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "context": "length"}  # ours -> OpenAI's
 DOLLY_INTRO = ("Below is an instruction that describes a task. Write a response that appropriately completes "
                "the request.")
+
+
+def openai_finish_reason(reason: str | None) -> str | None:
+    """A finished sequence's reason (the engine's, or "stop" at a stop string) as OpenAI names it."""
+    return FINISH_REASONS.get(reason, reason) if reason else None
 
 
 class ApiError(Exception):
@@ -166,66 +171,11 @@ def chat_prompt(messages: list[ChatMessage], template: str) -> str:
     return "\n\n".join(parts) + "\n\n### Response:\n"
 
 
-class ChoiceText:
-    """One choice's text as its tokens arrive: all ids decoded (as `Generator.generate` does), cut before the
-    first stop string, and what may still change held back (an unfinished UTF-8 sequence, the start of a stop
-    string). `offsets[i]` is where token i's text starts."""
-
-    def __init__(self, tokenizer, stops: list[str]):
-        self.tokenizer, self.stops = tokenizer, stops
-        self.longest_stop = max((len(s) for s in stops), default=0)
-        self.ids: list[int] = []
-        self.events: list = []  # the engine's TokenEvents, for logprobs
-        self.offsets: list[int] = []
-        self.text = ""
-        self.sent = 0  # characters handed out
-        self.logged = 0  # tokens whose logprobs were handed out
-        self.finish_reason: str | None = None
-
-    def add(self, event) -> str:
-        """The text that became final with this token; sets finish_reason "stop" at a stop string."""
-        self.offsets.append(len(self.text.rstrip("\ufffd")))
-        self.ids.append(event.token)
-        self.events.append(event)
-        self.text = self.tokenizer.decode(self.ids)
-        if self.stops:
-            start = max(0, self.sent - self.longest_stop)
-            cut = min((i for i in (self.text.find(s, start) for s in self.stops) if i >= 0), default=-1)
-            if cut >= 0:
-                self.text = self.text[:cut]
-                self.finish_reason = "stop"
-                return self._take(len(self.text))
-        return self._take(len(self.text) - held_back(self.text, self.stops))
-
-    def finish(self, engine_reason: str) -> str:
-        """What was held back, once the engine says the sequence ended."""
-        self.finish_reason = self.finish_reason or FINISH_REASONS[engine_reason]
-        return self._take(len(self.text))
-
-    def _take(self, upto: int) -> str:
-        piece = self.text[self.sent:upto]
-        self.sent = max(self.sent, upto)
-        return piece
-
-    def kept_tokens(self) -> int:
-        """Tokens that belong to the text: all of them, less those past a stop string's cut."""
-        if self.finish_reason == "stop":
-            return sum(1 for offset in self.offsets if offset < len(self.text))
-        return len(self.ids)
-
-    def take_logprob_tokens(self) -> list[int]:
-        """Indexes of the tokens whose text has been handed out (all kept ones once finished), not given yet."""
-        upto = self.kept_tokens() if self.finish_reason else sum(1 for o in self.offsets if o < self.sent)
-        taken = list(range(self.logged, max(self.logged, upto)))
-        self.logged = max(self.logged, upto)
-        return taken
-
-
 def token_text(tokenizer, token: int) -> str:
     return tokenizer.decode([token])
 
 
-def completion_logprobs(tokenizer, choice: ChoiceText, indexes: list[int], base: int,
+def completion_logprobs(tokenizer, choice: IncrementalText, indexes: list[int], base: int,
                         prompt_ids: list[int] | None = None, prompt_text: str = "") -> dict:
     """The legacy completions logprobs object. With echo (prompt_ids), the prompt's tokens come first with null
     logprobs (the engine scores generated tokens only), their offsets from each token's own text."""
@@ -248,7 +198,7 @@ def completion_logprobs(tokenizer, choice: ChoiceText, indexes: list[int], base:
             "text_offset": text_offset}
 
 
-def chat_logprobs(tokenizer, choice: ChoiceText, indexes: list[int]) -> dict:
+def chat_logprobs(tokenizer, choice: IncrementalText, indexes: list[int]) -> dict:
     def entry(token: int, logprob: float) -> dict:
         text = token_text(tokenizer, token)
         return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}

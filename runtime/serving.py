@@ -1,6 +1,7 @@
 """What the HTTP server (runtime/server.py) does with the engine: the served model (its engine, limits and
 metrics), an HTTP request's choices as engine requests, and their events, bridged from the engine's thread into
-asyncio, as text pieces.
+asyncio, as text pieces (runtime/text.py, as every client of the engine). runtime/responses.py turns those into
+OpenAI's JSON.
 
 Every choice is one engine request. The engine calls `on_event` on its own thread; the event reaches the request's
 handler through `loop.call_soon_threadsafe`. A handler that stops listening (its client went away, or a stop
@@ -9,7 +10,6 @@ string ended every choice) cancels what is left, which frees the slots at the ne
 
 from __future__ import annotations
 
-import dataclasses
 import asyncio
 import logging
 import time
@@ -21,9 +21,12 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from gptj_tvm.core.errors import GptjError
 
 from .artifact import ArtifactMetadata
-from .batch import DEFAULT_PREFILL_CHUNK, BatchEngine, QueueFull, SamplingParams, TokenEvent
-from .engine import Generator
-from .openai_api import ApiError, ChoiceText, chat_template
+from .engine import Engine, QueueFull, SamplingParams, TokenEvent
+from .generation import PromptTooLong
+from .generator import Generator
+from .openai_api import ApiError, chat_template, openai_finish_reason
+from .serve_options import ServeOptions
+from .text import IncrementalText
 
 log = logging.getLogger("uvicorn.error")  # printed with uvicorn's own lines
 MIN_SLOT_POSITIONS = 16
@@ -33,12 +36,11 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2
 
 def slot_positions(meta: ArtifactMetadata, max_batch: int, kv_cache_gb: float | None) -> int:
     """Positions per sequence: the context, or what `kv_cache_gb` (10^9 bytes) of KV cache holds for max_batch
-    sequences (keys and values of every layer: 2 * n_layer * n_embd values per position)."""
-    context = int(meta.config["n_positions"])
+    sequences."""
+    context = meta.config.n_positions
     if kv_cache_gb is None:
         return context
-    itemsize = 4 if meta.dtype == "float32" else 2
-    per_position = 2 * int(meta.config["n_layer"]) * int(meta.config["n_embd"]) * itemsize
+    per_position = meta.kv_bytes_per_position
     positions = min(context, int(kv_cache_gb * 1e9) // (max_batch * per_position))
     if positions < MIN_SLOT_POSITIONS:
         raise GptjError(f"--kv-cache-gb {kv_cache_gb} holds {positions} positions per sequence for --max-batch "
@@ -64,7 +66,7 @@ class Metrics:
                                 registry=r)
         self.errors = Counter(p + "request_errors", "Error responses, by HTTP status", ["status"], registry=r)
 
-    def scrape(self, engine: BatchEngine | None) -> bytes:
+    def scrape(self, engine: Engine | None) -> bytes:
         if engine is not None:
             stats = engine.stats()
             self.running.set(stats["running"])
@@ -77,7 +79,7 @@ class Metrics:
 class Choice:
     index: int
     prompt: int  # which prompt
-    text: ChoiceText
+    text: IncrementalText
     submitted: float
     last_token: float | None = None
     request: object = None  # the engine's Request
@@ -98,21 +100,6 @@ class Job:
                 choice.request.cancel()
 
 
-@dataclasses.dataclass(frozen=True)
-class ServeOptions:
-    """What `gptj-tvm serve` is asked for (its flags), in one place for the CLI, create_app and the tests."""
-    max_batch: int = 8  # sequences decoded together, each with a KV-cache slot
-    max_queue: int = 64  # requests waiting for a slot before 429
-    kv_cache_gb: float | None = None  # None: every slot holds the whole context
-    prefill_chunk: int = DEFAULT_PREFILL_CHUNK  # prompt tokens per step beside the decode rows
-    api_key: str | None = None
-    model_name: str | None = None  # None: the artifact folder's name
-    max_tokens_limit: int | None = None  # None: a slot's positions
-    max_n: int = 16
-    max_body_bytes: int = 1 << 20
-    drain_seconds: float = 30.0
-
-
 class ServedModel:
     """The app's state: the model once loaded, its engine, and what serving it needs."""
 
@@ -123,9 +110,8 @@ class ServedModel:
         self.prefill_chunk = options.prefill_chunk
         self.folder = Path(artifact_dir)
         self.meta = ArtifactMetadata.read(self.folder)  # a bad artifact fails here, before serving
-        if "step" not in self.meta.functions:
-            raise GptjError(f"{self.folder}: has no batched step function (compile it again with this version of "
-                            "gptj-tvm; CPU and CUDA artifacts have one)")
+        if "step" not in self.meta.functions:  # Vulkan: one sequence at a time
+            max_batch = 1
         self.slot_len = slot_positions(self.meta, max_batch, kv_cache_gb)
         self.max_batch, self.max_queue, self.api_key = max_batch, max_queue, api_key
         self.model = model_name or self.folder.resolve().name
@@ -139,13 +125,14 @@ class ServedModel:
 
     def load(self) -> None:
         gen = Generator.load(self.folder)
-        engine = BatchEngine(gen, max_batch=self.max_batch, max_queue=self.max_queue, slot_len=self.slot_len,
-                             prefill_chunk=self.prefill_chunk)
+        engine = gen.engine(max_batch=self.max_batch, max_queue=self.max_queue, positions=self.slot_len,
+                            prefill_chunk=self.prefill_chunk)
         self.gen, self.template = gen, chat_template(gen.tokenizer)
         engine.start()
         self.engine = engine
         log.info("%s loaded: %d slots of %d positions, KV cache %.3g GB, chat template %s", self.model,
-                 self.max_batch, self.slot_len, engine.cache_bytes / 1e9, self.template)
+                 self.max_batch, self.slot_len, self.max_batch * self.slot_len * self.meta.kv_bytes_per_position / 1e9,
+                 self.template)
 
     def check_ready(self) -> None:
         if self.phase != "ready":
@@ -159,16 +146,13 @@ class ServedModel:
                            "model_not_found")
 
     def check_prompt(self, ids: list[int], param: str) -> None:
-        """The engine's own checks, made for every prompt before any is submitted."""
-        if not ids:
-            raise ApiError(400, f"{param}: the prompt is empty", param)
-        if len(ids) >= self.slot_len:
-            raise ApiError(400, f"{param}: the prompt has {len(ids)} tokens; this server holds at most "
-                                f"{self.slot_len - 1} prompt tokens per sequence", param, "context_length_exceeded")
-        bad = [i for i in ids if not 0 <= i < self.gen.vocab_size]
-        if bad:
-            raise ApiError(400, f"{param}: token id {bad[0]} is outside the vocabulary (0..{self.gen.vocab_size - 1})",
-                           param)
+        """The engine's own check, made for every prompt before any is submitted: a bad one is a 400."""
+        try:
+            self.engine.check_prompt(ids)
+        except PromptTooLong as err:
+            raise ApiError(400, f"{param}: {err}", param, "context_length_exceeded") from None
+        except GptjError as err:
+            raise ApiError(400, f"{param}: {err}", param) from None
 
     def sampling(self, body, max_tokens: int | None, logprobs: int | None) -> list[SamplingParams]:
         """Each of the n choices' parameters: with a seed, choice i samples with seed + i."""
@@ -191,7 +175,7 @@ class ServedModel:
         metrics = self.metrics
         for p, ids in enumerate(prompts):
             for sampling in params:
-                choice = Choice(len(job.choices), p, ChoiceText(self.gen.tokenizer, stops), time.perf_counter())
+                choice = Choice(len(job.choices), p, IncrementalText(self.gen.tokenizer, stops), time.perf_counter())
                 job.choices.append(choice)
 
                 def on_event(event, choice=choice):  # on the engine's thread: never raises into it
@@ -242,7 +226,7 @@ class ServedModel:
                     continue
                 if isinstance(event, TokenEvent):
                     piece = choice.text.add(event)
-                    if choice.text.finish_reason == "stop":
+                    if choice.text.stopped:
                         choice.request.cancel()
                 else:
                     if event.reason == "error":
@@ -252,11 +236,12 @@ class ServedModel:
                     if event.reason == "cancelled":
                         raise ApiError(503, "the server shut down before this request finished")
                     piece = choice.text.finish(event.reason)
-                if choice.text.finish_reason:
+                finish_reason = openai_finish_reason(choice.text.finish_reason)
+                if finish_reason:
                     choice.done = True
                     open_choices -= 1
-                    self.metrics.finished.labels(choice.text.finish_reason).inc()
-                yield choice, piece, choice.text.take_logprob_tokens(), choice.text.finish_reason
+                    self.metrics.finished.labels(finish_reason).inc()
+                yield choice, piece, choice.text.take_logprob_tokens(), finish_reason
         finally:
             for choice in job.choices:
                 if not choice.done:

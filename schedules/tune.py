@@ -61,7 +61,7 @@ def task_key(func: tvm.tirx.PrimFunc) -> str:
 def gemm_tasks(mod: tvm.IRModule, target: tvm.target.Target, buckets: tuple[int, ...] = ()) -> list[Task]:
     """The GEMM kernels (those the default rules schedule as matmuls) that one decode step and each
     `prefill_B` call, unmeasured, in call order."""
-    from gptj_tvm.frontend.model import bucket_function
+    from gptj_tvm.frontend.config import bucket_function
 
     _, report = schedule_kernels(mod, target)
     tasks: dict[str, Task] = {}

@@ -1,5 +1,5 @@
-"""Continuous batching (runtime/batch.py): the batched step against the numpy GPT-J, and every request equal to
-`generate` alone, whatever runs beside it."""
+"""Continuous batching (runtime/engine.py over runtime/executors.py's batched step): the step against the numpy
+GPT-J, and every request equal to `generate` alone, whatever runs beside it."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import tvm
 
 from gptj_tvm.core.errors import GptjError
-from gptj_tvm.runtime.batch import BatchEngine, FinishEvent, QueueFull, SamplingParams, TokenEvent
+from gptj_tvm.runtime.engine import FinishEvent, QueueFull, SamplingParams, TokenEvent
 from reference import rel_max_error
 
 TOLERANCE = {"tiny": 1e-4, "odd": 1e-4, "bfloat16": 2e-2}
@@ -26,10 +26,7 @@ def test_a_mixed_step_gives_each_row_its_own_sequences_logits(name, variant, gen
     """Rows of three sequences in one step, in any order (a prefill chunk, a whole prompt, a decode token over
     an earlier chunk), each against the numpy GPT-J's logits of its own sequence."""
     gen = generator(name, variant=variant)
-    c = gen.config
-    shape = (3, 32, c["n_head"], c["n_embd"] // c["n_head"])
-    caches = tvm.runtime.convert([tvm.runtime.empty(shape, gen.meta.dtype, gen.device)
-                                  for _ in range(2 * c["n_layer"])])
+    caches = gen.new_slot_caches(3, 32)
     seqs = random_prompts(gen, (6, 3, 5))
     expected = [reference(name).logits(s) for s in seqs]
 
@@ -78,7 +75,7 @@ def test_prefill_chunks_interleave_with_running_decodes(generator):
     """A long prompt arrives while a sequence decodes: every step still carries the decode row, and the long
     prompt is prefilled a chunk per step."""
     gen = generator("tiny")
-    engine = BatchEngine(gen, max_batch=2, prefill_chunk=8)
+    engine = gen.engine(max_batch=2, prefill_chunk=8)
     short, long = random_prompts(gen, (2, 40), seed=2)
     events = {0: [], 1: []}
     engine.submit(short, SamplingParams(max_tokens=12), events[0].append)
@@ -95,7 +92,7 @@ def test_prefill_chunks_interleave_with_running_decodes(generator):
 
 def test_a_cancelled_request_frees_its_slot_at_the_next_step(generator):
     gen = generator("tiny")
-    engine = BatchEngine(gen, max_batch=1, max_queue=1)
+    engine = gen.engine(max_batch=1, max_queue=1)
     first, second = random_prompts(gen, (4, 4), seed=3)
     events = []
     request = engine.submit(first, SamplingParams(max_tokens=50), events.append)
@@ -114,7 +111,7 @@ def test_a_cancelled_request_frees_its_slot_at_the_next_step(generator):
 
 def test_a_request_ends_where_its_slot_ends_and_bad_prompts_are_refused(generator):
     gen = generator("tiny")
-    engine = BatchEngine(gen, max_batch=2, slot_len=10)
+    engine = gen.engine(max_batch=2, positions=10)
     (prompt,) = random_prompts(gen, (6,), seed=4)
     request = engine.submit(prompt, SamplingParams(max_tokens=50), lambda e: None)
     engine.run_until_idle()
@@ -127,7 +124,7 @@ def test_a_request_ends_where_its_slot_ends_and_bad_prompts_are_refused(generato
 
 def test_logprobs_are_the_models_log_softmax(generator):
     gen = generator("tiny")
-    engine = BatchEngine(gen)
+    engine = gen.engine()
     (prompt,) = random_prompts(gen, (5,), seed=5)
     events = []
     engine.submit(prompt, SamplingParams(max_tokens=1, logprobs=3), events.append)

@@ -168,7 +168,7 @@ def test_bin_checkpoint_generates_what_transformers_generates(fixtures, compiled
 
 def test_dtype_defaults_to_the_weights_when_the_config_names_none(compiled):
     meta = ArtifactMetadata.read(compiled("main", None))
-    assert meta.dtype == "float32" and meta.config["torch_dtype"] is None
+    assert meta.dtype == "float32" and meta.config.torch_dtype is None
     meta = ArtifactMetadata.read(compiled("sharded", None))
     assert meta.dtype == "float16"
     assert meta.source == {"format": "pytorch", "files": 2, "dtype": "float16", "ignored_buffers": 4,

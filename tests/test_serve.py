@@ -1,5 +1,8 @@
 """`gptj-tvm serve`: the OpenAI-compatible server on the tiny artifact, driven by the real `openai` client and raw
-httpx over loopback; every answer is checked against the same request run alone through `Generator.generate`."""
+httpx over loopback; every answer is checked against the same request run alone through `Generator.generate`.
+
+Past 400 lines for a reason: the endpoints share one server per module (one load of the artifact), so their
+tests live together."""
 
 from __future__ import annotations
 
@@ -106,7 +109,7 @@ def client(server):
 def held_steps(engine, delay: float | None = None):
     """The engine's real step, made to wait: at a gate the test opens (delay None), or delay seconds each."""
     gate = threading.Event()
-    real = engine.gen.run_step
+    real = engine.model.run_step
 
     def held(*args):
         if delay is None:
@@ -115,12 +118,12 @@ def held_steps(engine, delay: float | None = None):
             time.sleep(delay)
         return real(*args)
 
-    engine.gen.run_step = held
+    engine.model.run_step = held
     try:
         yield gate
     finally:
         gate.set()
-        del engine.gen.run_step
+        del engine.model.run_step
 
 
 def solo(gen, prompt, max_tokens, temperature=0.0, top_k=0, top_p=1.0, seed=None, stop=()):

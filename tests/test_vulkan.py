@@ -33,6 +33,20 @@ def test_logits_and_greedy_tokens_match_the_llvm_artifact(name, generator):
     assert actual.ids == expected.ids
 
 
+def test_the_engine_runs_vulkan_one_sequence_at_a_time(generator):
+    """No batched step: generate_batch (and so the server's engine) runs the prompts one after another on the
+    sequence functions, each what the llvm artifact's batched engine gives it."""
+    on_vulkan, on_cpu = generator("tiny", variant="vulkan"), generator("tiny")
+    prompts = [prompt_for(on_cpu)[:n] for n in (3, 7, 5)]
+    engine = on_vulkan.engine(max_batch=4)
+    assert engine.executor.max_batch == 1 and "step" not in on_vulkan.meta.functions
+    options = {"max_new_tokens": 6, "temperature": 0.0}
+    expected = on_cpu.generate_batch(prompts, max_batch=3, **options)
+    actual = on_vulkan.generate_batch(prompts, max_batch=3, **options)
+    assert [r.ids for r in actual] == [r.ids for r in expected]
+    assert [r.finish_reason for r in actual] == ["length"] * 3
+
+
 def test_vulkan_artifact_runs_five_kernels_per_fused_block(artifact, generator):
     generator("tiny", variant="vulkan")  # the process's Vulkan device is open
     report = inspect_artifact(artifact("tiny", variant="vulkan"), run=True)
@@ -92,20 +106,20 @@ def test_bad_vulkan_requests_get_one_line(tmp_path, capsys, checkpoint, artifact
 def test_missing_adapter_feature_is_named(monkeypatch, artifact, generator):
     generator("tiny", variant="vulkan")
     from gptj_tvm.core.errors import GptjError
-    from gptj_tvm.runtime import engine
+    from gptj_tvm.runtime import model
     from gptj_tvm.runtime.artifact import ArtifactMetadata
 
     meta = ArtifactMetadata.read(artifact("float16", variant="vulkan"))
     assert meta.device_features == ["shader-f16"]
     monkeypatch.setattr(vulkan, "describe", lambda adapter: {"name": "old-gpu", "features": []})
     with pytest.raises(GptjError, match="old-gpu lacks shader-f16"):
-        engine.open_vulkan(meta, None, [])
+        model.open_vulkan(meta, None, [])
 
 
 def test_weight_past_the_adapters_buffer_limit_is_named(monkeypatch, artifact, generator):
     generator("tiny", variant="vulkan")
     from gptj_tvm.core.errors import GptjError
-    from gptj_tvm.runtime.engine import Generator
+    from gptj_tvm.runtime.generator import Generator
 
     monkeypatch.setattr(vulkan, "max_buffer_bytes", lambda index: 1 << 20)
     with pytest.raises(GptjError, match=r"binds at most 1 MiB per buffer, and weight \S+ is \d+ MiB"):

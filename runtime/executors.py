@@ -1,0 +1,81 @@
+"""Running a step plan (runtime/scheduler.py) on a loaded model: its rows in, float32 logits of the sampled
+rows out.
+
+Two ways, by what the artifact exports:
+- `SlotExecutor`: the batched `step` over slot KV caches ([slots, positions, n_head, head_dim] per layer, keys
+  and values), every row of the plan in one call, so each weight is read once for all the sequences (CPU and
+  CUDA artifacts).
+- `SequenceExecutor`: `prefill` and `decode` over a KV cache per sequence, sized to what it will hold; a batch
+  of one. Vulkan artifacts (no `step`) run this way, and so does `Generator.generate`: one sequence needs no
+  slot table, and its cache is no larger than its tokens.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+import tvm.runtime
+
+from gptj_tvm.core.errors import GptjError
+
+from .scheduler import Request, StepPlan
+
+
+class SlotExecutor:
+    def __init__(self, model, max_batch: int, positions: int | None = None):
+        """positions per sequence (a slot's length): the model's context by default."""
+        if "step" not in model.meta.functions:
+            raise GptjError(f"{model.folder}: has no batched step function (compile it again with this "
+                            "version of gptj-tvm; CPU and CUDA artifacts have one)")
+        self.model, self.max_batch = model, max_batch
+        self.positions = min(positions or model.context, model.context)
+        self.max_prompt_tokens = self.positions - 1
+        self._caches = model.new_slot_caches(max_batch, self.positions)
+        self.cache_bytes = max_batch * self.positions * model.meta.kv_bytes_per_position
+
+    def execute(self, plan: StepPlan) -> np.ndarray:
+        device = self.model.device
+
+        def tensor(values, shape=(-1,)):
+            return tvm.runtime.tensor(np.asarray(values, dtype=np.int32).reshape(shape), device)
+
+        logits = self.model.run_step(tensor(plan.ids, (1, -1)), tensor(plan.slots), tensor(plan.positions),
+                                     tensor(plan.logit_rows), self._caches)
+        return logits.numpy()[0, :, :self.model.vocab_size]
+
+    def release(self, request: Request) -> None:
+        """A slot needs no clearing: positions past a sequence's length are never read."""
+
+
+class SequenceExecutor:
+    max_batch = 1
+
+    def __init__(self, model, positions: int | None = None):
+        self.model = model
+        self.positions = self.max_prompt_tokens = min(positions or model.context, model.context)
+        self._caches: dict[int, object] = {}  # request id -> its KV cache
+
+    @property
+    def cache_bytes(self) -> int:
+        return sum(int(c[0].shape[0]) for c in self._caches.values()) * self.model.meta.kv_bytes_per_position
+
+    def execute(self, plan: StepPlan) -> np.ndarray:
+        (chunk,) = plan.chunks  # the scheduler runs one sequence at a time here
+        request = chunk.request
+        cache = self._caches.get(request.id)
+        if cache is None:
+            cache = self.model.new_cache(min(len(request.prompt_ids) + request.params.max_tokens, self.positions))
+        total = chunk.start + len(chunk.tokens)
+        logits, self._caches[request.id] = self.model.forward("prefill" if chunk.prompt else "decode", chunk.tokens,
+                                                              cache, total)
+        return logits[-1:] if chunk.sampled else logits[:0]
+
+    def release(self, request: Request) -> None:
+        self._caches.pop(request.id, None)
+
+
+def executor_for(model, max_batch: int, positions: int | None = None):
+    """The batched step where the artifact has one, else one sequence at a time (Vulkan)."""
+    if "step" in model.meta.functions:
+        return SlotExecutor(model, max_batch, positions)
+    return SequenceExecutor(model, positions)

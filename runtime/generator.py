@@ -1,0 +1,110 @@
+"""`gptj_tvm.load`'s object: a loaded model (runtime/model.py) and the Python API's ways of generating, each a
+client of the one engine (runtime/engine.py) with the one text path (runtime/text.py).
+
+`generate` and `stream` run one sequence through an engine of one (prefill and decode over a cache sized to the
+sequence); `generate_batch` runs many through the batched step; the server (runtime/serving.py) does the same on
+a thread of its own.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Iterator, Sequence
+
+from gptj_tvm.core.errors import GptjError
+
+from .engine import Engine, TokenEvent
+from .executors import SequenceExecutor, executor_for
+from .generation import Generation, TextStream, check_sampling, finish_stats
+from .model import Model
+from .scheduler import SamplingParams
+from .serve_options import DEFAULT_PREFILL_CHUNK
+from .text import IncrementalText
+
+
+class Generator(Model):
+    def engine(self, max_batch: int = 8, max_queue: int = 64, positions: int | None = None,
+               prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK) -> Engine:
+        """An engine over this model: the batched step with max_batch slots of `positions` (default the context)
+        where the artifact has it, else one sequence at a time."""
+        return Engine(self, executor_for(self, max_batch, positions), max_queue=max_queue, prefill_chunk=prefill_chunk)
+
+    def _prompt_ids(self, prompt) -> list[int]:
+        return self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+
+    def _events(self, prompt, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                seed: int | None = None, stop: Sequence[str] = ()) -> Iterator[tuple[str, Generation]]:
+        """Yields (new text piece, the generation so far); the last Generation is complete."""
+        check_sampling(max_new_tokens, temperature, top_k, top_p, seed)
+        engine = Engine(self, SequenceExecutor(self), max_queue=1, prefill_chunk=None)
+        params = SamplingParams(max_new_tokens, temperature, top_k, top_p, seed)
+        events: deque = deque()
+        request = engine.submit(self._prompt_ids(prompt), params, events.append)
+        result = Generation(text="", ids=[], prompt_ids=request.prompt_ids)
+        text = IncrementalText(self.tokenizer, stop)
+        more = True
+        while more:
+            more = engine.step()
+            while events:
+                event = events.popleft()
+                if text.finish_reason is not None:  # after a stop string: the cancel on its way
+                    continue
+                if isinstance(event, TokenEvent):
+                    piece = text.add(event)
+                    if text.stopped:
+                        request.cancel()
+                else:
+                    if event.reason == "error":
+                        raise GptjError(f"generation failed: {event.message}")
+                    piece = text.finish(event.reason)
+                result.ids, result.text, result.finish_reason = text.ids, text.text, text.finish_reason or "length"
+                if piece:
+                    yield piece, result
+        result.stats.update(request.stats, prompt_tokens=len(request.prompt_ids))
+        finish_stats(result.stats)
+        yield "", result
+
+    def stream(self, prompt, **kwargs) -> TextStream:
+        """Text pieces as they are decoded (text that could begin a stop string is held back); once the
+        stream is exhausted, its `.result` is the complete Generation."""
+        return TextStream(self._events(prompt, **kwargs))
+
+    def generate(self, prompt, **kwargs) -> Generation:
+        result = None
+        for _, result in self._events(prompt, **kwargs):
+            pass
+        return result
+
+    def generate_batch(self, prompts: Sequence, max_new_tokens: int = 32, temperature: float = 0.0, top_k: int = 0,
+                       top_p: float = 1.0, seed: int | None = None, stop: Sequence[str] = (), max_batch: int = 8,
+                       prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> list[Generation]:
+        """`generate` for many prompts at once, batched on this thread (the habit of vLLM's `LLM.generate`): one
+        Generation per prompt, in order, each what `generate` gives that prompt alone with the same arguments;
+        `max_batch` sequences run together."""
+        check_sampling(max_new_tokens, temperature, top_k, top_p, seed)
+        engine = self.engine(max_batch=max_batch, max_queue=len(prompts), prefill_chunk=prefill_chunk)
+        params = SamplingParams(max_new_tokens, temperature, top_k, top_p, seed)
+        ids = [engine.check_prompt(self._prompt_ids(p)) for p in prompts]  # all refused before any runs
+        texts, errors = [], []
+        for prompt_ids in ids:
+            text = IncrementalText(self.tokenizer, stop)
+            handle: list = []  # the request, once submitted: a stop string cancels it
+
+            def on_event(event, text=text, handle=handle):
+                if text.finish_reason is not None:
+                    return
+                if isinstance(event, TokenEvent):
+                    text.add(event)
+                    if text.stopped:
+                        handle[0].cancel()
+                else:
+                    text.finish(event.reason)
+                    errors.extend([event.message] if event.reason == "error" else [])
+
+            handle.append(engine.submit(prompt_ids, params, on_event))
+            texts.append(text)
+        engine.run_until_idle()
+        if errors:
+            raise GptjError(f"generation failed: {errors[0]}")
+        return [Generation(text=t.text, ids=t.ids, prompt_ids=p, finish_reason=t.finish_reason)
+                for t, p in zip(texts, ids)]

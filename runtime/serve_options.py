@@ -1,0 +1,25 @@
+"""What `gptj-tvm serve` is asked for (its flags) and their defaults, in one place for the CLI, the server and the
+tests. Imports nothing of TVM, so the CLI reads its defaults before it loads TVM's library."""
+
+from __future__ import annotations
+
+import dataclasses
+
+DEFAULT_PREFILL_CHUNK = 32  # prompt tokens per step beside the decode rows: at most a few decode steps long
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeOptions:
+    max_batch: int = 8  # sequences decoded together, each with a KV-cache slot
+    max_queue: int = 64  # requests waiting for a slot before 429
+    kv_cache_gb: float | None = None  # None: every slot holds the whole context
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK  # prompt tokens per step beside the decode rows
+    api_key: str | None = None
+    model_name: str | None = None  # None: the artifact folder's name
+    max_tokens_limit: int | None = None  # None: a slot's positions
+    max_n: int = 16
+    max_body_bytes: int = 1 << 20
+    drain_seconds: float = 30.0
+
+
+DEFAULTS = ServeOptions()

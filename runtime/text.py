@@ -1,0 +1,88 @@
+"""The one text path: a sequence's tokens as text, as they arrive, for every client of the engine
+(`Generator.generate` and `.stream`, `generate_batch`, the server).
+
+Each token's ids are decoded whole (the tokenizer's own decode of every id so far, so the text is exactly what
+decoding the finished sequence gives), cut before the first stop string, which may span tokens; what may still
+change is held back: an unfinished UTF-8 sequence (decoded as U+FFFD) and a tail that could begin a stop string.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+REPLACEMENT = "\ufffd"  # what the tokenizer decodes an unfinished UTF-8 sequence to
+
+
+def held_back(text: str, stops: Sequence[str]) -> int:
+    """How many trailing characters to hold: an unfinished UTF-8 sequence, or the start of a stop string."""
+    hold = 1 if text.endswith(REPLACEMENT) else 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:n]):
+                hold = max(hold, n)
+                break
+    return hold
+
+
+class IncrementalText:
+    """One sequence's text as its tokens arrive. `add` returns the text that became final with a token, `finish`
+    what was held back once the sequence ends. `finish_reason` is "stop" from the token that completed a stop
+    string on, else the engine's reason once `finish` is called. `offsets[i]` is where token i's text starts."""
+
+    def __init__(self, tokenizer, stops: Sequence[str] = ()):
+        self.tokenizer = tokenizer
+        self.stops = [s for s in stops if s]
+        self.longest_stop = max((len(s) for s in self.stops), default=0)
+        self.ids: list[int] = []
+        self.events: list = []  # the engine's TokenEvents (logprobs)
+        self.offsets: list[int] = []
+        self.text = ""
+        self.sent = 0  # characters handed out
+        self.logged = 0  # tokens whose logprobs were handed out
+        self.finish_reason: str | None = None
+
+    def add(self, event) -> str:
+        """A TokenEvent (or a bare token id). After a stop string, nothing more is added."""
+        if self.finish_reason is not None:
+            return ""
+        token = getattr(event, "token", event)
+        self.offsets.append(len(self.text.rstrip(REPLACEMENT)))
+        self.ids.append(int(token))
+        self.events.append(event)
+        self.text = self.tokenizer.decode(self.ids)
+        if self.stops:
+            # a stop string cannot start before what was handed out less its length: that text was checked
+            start = max(0, self.sent - self.longest_stop)
+            cut = min((i for i in (self.text.find(s, start) for s in self.stops) if i >= 0), default=-1)
+            if cut >= 0:
+                self.text = self.text[:cut]
+                self.finish_reason = "stop"
+                return self._take(len(self.text))
+        return self._take(len(self.text) - held_back(self.text, self.stops))
+
+    def finish(self, reason: str) -> str:
+        """What was held back, once the engine ends the sequence (`reason` is kept unless a stop string came)."""
+        self.finish_reason = self.finish_reason or reason
+        return self._take(len(self.text))
+
+    def _take(self, upto: int) -> str:
+        piece = self.text[self.sent:upto]
+        self.sent = max(self.sent, upto)
+        return piece
+
+    @property
+    def stopped(self) -> bool:
+        return self.finish_reason == "stop"
+
+    def kept_tokens(self) -> int:
+        """Tokens that belong to the text: all of them, less those past a stop string's cut."""
+        if self.stopped:
+            return sum(1 for offset in self.offsets if offset < len(self.text))
+        return len(self.ids)
+
+    def take_logprob_tokens(self) -> list[int]:
+        """Indexes of the tokens whose text has been handed out (all kept ones once finished), not given yet."""
+        upto = self.kept_tokens() if self.finish_reason else sum(1 for o in self.offsets if o < self.sent)
+        taken = list(range(self.logged, max(self.logged, upto)))
+        self.logged = max(self.logged, upto)
+        return taken

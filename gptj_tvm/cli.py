@@ -156,7 +156,8 @@ def cmd_serve(args) -> int:
                         f"({err})") from None
 
     options = ServeOptions(max_batch=args.max_batch, max_queue=args.max_queue, kv_cache_gb=args.kv_cache_gb,
-                           prefill_chunk=args.prefill_chunk, api_key=args.api_key, model_name=args.model_name,
+                           prefill_chunk=args.prefill_chunk, prefix_cache=args.prefix_cache, api_key=args.api_key,
+                           model_name=args.model_name,
                            max_tokens_limit=args.max_tokens_limit, max_n=args.max_n,
                            drain_seconds=args.drain_seconds)
     serve(args.artifact, host=args.host, port=args.port, options=options)
@@ -373,6 +374,10 @@ def _add_serve(sub) -> None:
                    help="prompt tokens prefilled per step beside the running streams' tokens: smaller keeps their "
                         f"inter-token latency low while a prompt comes in, larger gets it in sooner (default "
                         f"{d.prefill_chunk})")
+    p.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false",
+                   help="prefill every prompt from its first token (default: a prompt that begins as one an idle or "
+                        "running sequence holds starts from those keys and values; usage.prompt_tokens_details."
+                        "cached_tokens counts them)")
     p.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1 and /tokenize, /detokenize "
                                      "(/health and /metrics stay open)")
     p.add_argument("--model-name", help="the model id clients name (default: the artifact folder's name)")

@@ -43,11 +43,14 @@ class FinishEvent:
 
 
 class Engine:
-    def __init__(self, model, executor, max_queue: int = 64, prefill_chunk: int | None = None):
+    def __init__(self, model, executor, max_queue: int = 64, prefill_chunk: int | None = None,
+                 prefix_cache: bool = False):
         """executor: runtime/executors.py's, over `model`; prefill_chunk: prompt tokens per step beside the decode
-        rows (None: whole prompts)."""
+        rows (None: whole prompts); prefix_cache: reuse the rows slots still hold (runtime/prefix_cache.py), where
+        the executor's sequences share slot caches."""
         self.model, self.executor = model, executor
-        self.scheduler = Scheduler(executor.max_batch, max_queue, prefill_chunk)
+        self.scheduler = Scheduler(executor.max_batch, max_queue, prefill_chunk,
+                                   prefix_cache=prefix_cache and executor.copies_rows)
         self.stop_token_ids = model.stop_token_ids
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -133,6 +136,8 @@ class Engine:
             logits = self.executor.execute(plan)
         except Exception as err:  # noqa: BLE001  (one failed step ends its requests, never the engine)
             message = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+            with self._lock:
+                self.scheduler.failed(plan)
             for request in plan.requests:
                 self._finish(request, "error", message)
             with self._lock:
@@ -160,7 +165,11 @@ class Engine:
 
     def _sample(self, request: Request, logits: np.ndarray) -> None:
         p = request.params
-        token = next_token(logits, request.rng, p.temperature, p.top_k, p.top_p)
+        allowed = logits
+        if len(request.tokens) < p.min_tokens:  # vLLM's min_tokens: the stop tokens are not sampled yet
+            allowed = logits.copy()
+            allowed[[t for t in self.stop_token_ids if t < logits.size]] = -np.inf
+        token = next_token(allowed, request.rng, p.temperature, p.top_k, p.top_p)  # logprobs: the model's own
         request.tokens.append(token)
         if request.first_token_s is None:
             request.first_token_s = time.perf_counter() - request.submitted
@@ -171,7 +180,7 @@ class Engine:
             top = np.argsort(-logp, kind="stable")[:p.logprobs] if p.logprobs else []
             event = TokenEvent(token, float(logp[token]), [(int(i), float(logp[i])) for i in top])
         _emit(request, event)
-        if token in self.stop_token_ids:
+        if token in self.stop_token_ids and not p.ignore_eos:
             self._finish(request, "eos")
         elif len(request.tokens) >= p.max_tokens:
             self._finish(request, "length")

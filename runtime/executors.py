@@ -22,6 +22,8 @@ from .scheduler import Request, StepPlan
 
 
 class SlotExecutor:
+    copies_rows = True  # sequences share the slot caches: one slot's rows can seed another's (the prefix cache)
+
     def __init__(self, model, max_batch: int, positions: int | None = None):
         """positions per sequence (a slot's length): the model's context by default."""
         if "step" not in model.meta.functions:
@@ -34,6 +36,8 @@ class SlotExecutor:
         self.cache_bytes = max_batch * self.positions * model.meta.kv_bytes_per_position
 
     def execute(self, plan: StepPlan) -> np.ndarray:
+        for source, target, rows in plan.copies:
+            self._copy_rows(source, target, rows)
         device = self.model.device
 
         def tensor(values, shape=(-1,)):
@@ -46,9 +50,19 @@ class SlotExecutor:
     def release(self, request: Request) -> None:
         """A slot needs no clearing: positions past a sequence's length are never read."""
 
+    def _copy_rows(self, source: int, target: int, rows: int) -> None:
+        """Positions [0, rows) of slot `source` into slot `target`, every layer's keys and values."""
+        for cache in self._caches:
+            _, positions, *row = (int(d) for d in cache.shape)
+            row_bytes = int(np.prod(row)) * _itemsize(str(cache.dtype))
+            view = [cache._create_view((rows, *row), relative_byte_offset=slot * positions * row_bytes)
+                    for slot in (source, target)]
+            view[1].copyfrom(view[0])
+
 
 class SequenceExecutor:
     max_batch = 1
+    copies_rows = False
 
     def __init__(self, model, positions: int | None = None):
         self.model = model
@@ -72,6 +86,10 @@ class SequenceExecutor:
 
     def release(self, request: Request) -> None:
         self._caches.pop(request.id, None)
+
+
+def _itemsize(dtype: str) -> int:
+    return {"float32": 4, "float16": 2, "bfloat16": 2}[dtype]
 
 
 def executor_for(model, max_batch: int, positions: int | None = None):

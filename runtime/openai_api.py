@@ -63,6 +63,8 @@ class SamplingRequest(BaseModel):
     stream_options: StreamOptions | None = None
     seed: int | None = Field(None, ge=0)  # numpy's generators take no negative seed
     return_token_ids: bool = False  # an extension (vLLM's): the prompt's and each choice's token ids
+    min_tokens: int = Field(0, ge=0)  # vLLM's: no stop token or stop string before this many tokens
+    ignore_eos: bool = False  # vLLM's: a stop token does not end the choice (benchmark clients fix lengths so)
 
     def stop_strings(self) -> list[str]:
         if self.stop is None:
@@ -113,7 +115,7 @@ def _nonzero(value, _request) -> bool:
 UNHONOURED = {
     "best_of": lambda value, request: value is not None and value != request.get("n", 1),
     "logit_bias": _nonzero, "suffix": _nonzero, "presence_penalty": _nonzero, "frequency_penalty": _nonzero,
-    "min_p": _nonzero, "min_tokens": _nonzero, "ignore_eos": _nonzero, "tools": _nonzero, "functions": _nonzero,
+    "min_p": _nonzero, "tools": _nonzero, "functions": _nonzero,
     "repetition_penalty": lambda value, _request: value not in (None, 1, 1.0),
     "tool_choice": lambda value, _request: value not in (None, "none", "auto"),
     "response_format": lambda value, _request: value not in (None, {"type": "text"}),
@@ -207,9 +209,11 @@ def chat_logprobs(tokenizer, choice: IncrementalText, indexes: list[int]) -> dic
                         for e in (choice.events[i] for i in indexes)]}
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    """cached_tokens: prompt tokens whose keys and values came from the prefix cache."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 class Shape:
@@ -223,9 +227,9 @@ class Shape:
     def _envelope(self, kind: str, choices: list[dict]) -> dict:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices}
 
-    def response(self, choices: list[dict], prompt_tokens: int, completion_tokens: int) -> dict:
+    def response(self, choices: list[dict], prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
         body = self._envelope("chat.completion" if self.chat else "text_completion", choices)
-        return {**body, "usage": usage(prompt_tokens, completion_tokens)}
+        return {**body, "usage": usage(prompt_tokens, completion_tokens, cached_tokens)}
 
     def choice(self, index: int, text: str, logprobs: dict | None, finish_reason: str | None) -> dict:
         if self.chat:
@@ -244,6 +248,6 @@ class Shape:
         return self._envelope("chat.completion.chunk", [{"index": index, "delta": delta, "logprobs": logprobs,
                                                          "finish_reason": finish_reason}])
 
-    def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> dict:
+    def usage_chunk(self, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
         body = self._envelope("chat.completion.chunk" if self.chat else "text_completion", [])
-        return {**body, "usage": usage(prompt_tokens, completion_tokens)}
+        return {**body, "usage": usage(prompt_tokens, completion_tokens, cached_tokens)}

@@ -31,7 +31,8 @@ async def respond(served: ServedModel, http, body, shape: Shape, prompts: list[l
         if body.return_token_ids:
             entry.update(prompt_token_ids=job.prompts[choice.prompt], token_ids=choice.text.ids)
         choices.append(entry)
-    return JSONResponse(shape.response(choices, sum(map(len, prompts)), sum(len(c.text.ids) for c in job.choices)))
+    return JSONResponse(shape.response(choices, sum(map(len, prompts)), sum(len(c.text.ids) for c in job.choices),
+                                       job.cached_tokens()))
 
 
 def logprobs(served: ServedModel, body, choice: Choice, indexes: list[int], job: Job, prompt_texts,
@@ -67,7 +68,8 @@ async def stream(served: ServedModel, http, body, shape: Shape, job: Job, prompt
                     data["choices"][0]["token_ids"] = [choice.text.ids[i] for i in indexes]
                 yield event(data)
         if body.include_usage:
-            yield event(shape.usage_chunk(sum(map(len, job.prompts)), sum(len(c.text.ids) for c in job.choices)))
+            yield event(shape.usage_chunk(sum(map(len, job.prompts)), sum(len(c.text.ids) for c in job.choices),
+                                          job.cached_tokens()))
         yield "data: [DONE]\n\n"
     except ApiError as err:  # the status line has gone: the error travels as an event, as OpenAI's do
         served.metrics.errors.labels(str(err.status)).inc()

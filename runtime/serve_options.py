@@ -14,6 +14,7 @@ class ServeOptions:
     max_queue: int = 64  # requests waiting for a slot before 429
     kv_cache_gb: float | None = None  # None: every slot holds the whole context
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK  # prompt tokens per step beside the decode rows
+    prefix_cache: bool = True  # slots keep their rows for later prompts with the same beginning
     api_key: str | None = None
     model_name: str | None = None  # None: the artifact folder's name
     max_tokens_limit: int | None = None  # None: a slot's positions

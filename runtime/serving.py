@@ -65,6 +65,11 @@ class Metrics:
         self.finished = Counter(p + "request_finished", "Choices finished, by finish reason", ["finish_reason"],
                                 registry=r)
         self.errors = Counter(p + "request_errors", "Error responses, by HTTP status", ["status"], registry=r)
+        # vLLM's names: prompt tokens looked up in the prefix cache, and found there
+        self.prefix_queries = Counter(p + "prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+                                      registry=r)
+        self.prefix_hits = Counter(p + "prefix_cache_hits", "Prompt tokens found in the prefix cache", registry=r)
+        self._counted = {"prefix_cache_queries": 0, "prefix_cache_hits": 0}
 
     def scrape(self, engine: Engine | None) -> bytes:
         if engine is not None:
@@ -72,6 +77,10 @@ class Metrics:
             self.running.set(stats["running"])
             self.waiting.set(stats["waiting"])
             self.kv_usage.set(stats["kv_tokens_used"] / stats["kv_tokens"])
+            pairs = (("prefix_cache_queries", self.prefix_queries), ("prefix_cache_hits", self.prefix_hits))
+            for name, counter in pairs:
+                counter.inc(stats[name] - self._counted[name])  # the engine counts; the counters follow
+                self._counted[name] = stats[name]
         return generate_latest(self.registry)
 
 
@@ -94,6 +103,15 @@ class Job:
     choices: list[Choice]
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
 
+    def cached_tokens(self) -> int:
+        """Prompt tokens taken from the prefix cache: each prompt's best among its choices (usage counts a prompt
+        once, whatever n)."""
+        best = [0] * len(self.prompts)
+        for choice in self.choices:
+            if choice.request is not None:
+                best[choice.prompt] = max(best[choice.prompt], choice.request.cached_tokens)
+        return sum(best)
+
     def cancel(self) -> None:
         for choice in self.choices:
             if choice.request is not None and not choice.done:
@@ -107,7 +125,7 @@ class ServedModel:
         max_batch, max_queue, kv_cache_gb = options.max_batch, options.max_queue, options.kv_cache_gb
         api_key, model_name, max_tokens_limit = options.api_key, options.model_name, options.max_tokens_limit
         max_n, max_body_bytes, drain_seconds = options.max_n, options.max_body_bytes, options.drain_seconds
-        self.prefill_chunk = options.prefill_chunk
+        self.prefill_chunk, self.prefix_cache = options.prefill_chunk, options.prefix_cache
         self.folder = Path(artifact_dir)
         self.meta = ArtifactMetadata.read(self.folder)  # a bad artifact fails here, before serving
         if "step" not in self.meta.functions:  # Vulkan: one sequence at a time
@@ -126,13 +144,14 @@ class ServedModel:
     def load(self) -> None:
         gen = Generator.load(self.folder)
         engine = gen.engine(max_batch=self.max_batch, max_queue=self.max_queue, positions=self.slot_len,
-                            prefill_chunk=self.prefill_chunk)
+                            prefill_chunk=self.prefill_chunk, prefix_cache=self.prefix_cache)
         self.gen, self.template = gen, chat_template(gen.tokenizer)
         engine.start()
         self.engine = engine
-        log.info("%s loaded: %d slots of %d positions, KV cache %.3g GB, chat template %s", self.model,
-                 self.max_batch, self.slot_len, self.max_batch * self.slot_len * self.meta.kv_bytes_per_position / 1e9,
-                 self.template)
+        log.info("%s loaded: %d slots of %d positions, KV cache %.3g GB, prefix cache %s, chat template %s",
+                 self.model, self.max_batch, self.slot_len,
+                 self.max_batch * self.slot_len * self.meta.kv_bytes_per_position / 1e9,
+                 "on" if engine.scheduler.prefixes is not None else "off", self.template)
 
     def check_ready(self) -> None:
         if self.phase != "ready":
@@ -161,11 +180,14 @@ class ServedModel:
         if max_tokens is not None and max_tokens > self.max_tokens_limit:
             raise ApiError(400, f"max_tokens: {max_tokens} is past this server's limit of {self.max_tokens_limit}",
                            "max_tokens")
+        max_tokens = max_tokens or self.max_tokens_limit
+        if body.min_tokens > max_tokens:
+            raise ApiError(400, f"min_tokens: {body.min_tokens} is past max_tokens ({max_tokens})", "min_tokens")
         top_k = body.top_k if body.top_k and body.top_k > 0 else 0
-        return [SamplingParams(max_tokens=max_tokens or self.max_tokens_limit,
-                               temperature=1.0 if body.temperature is None else body.temperature, top_k=top_k,
-                               top_p=1.0 if body.top_p is None else body.top_p,
-                               seed=None if body.seed is None else body.seed + i, logprobs=logprobs)
+        return [SamplingParams(max_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
+                               top_k=top_k, top_p=1.0 if body.top_p is None else body.top_p,
+                               seed=None if body.seed is None else body.seed + i, logprobs=logprobs,
+                               min_tokens=body.min_tokens, ignore_eos=body.ignore_eos)
                 for i in range(body.n)]
 
     def submit(self, prompts: list[list[int]], params: list[SamplingParams], stops: list[str]) -> Job:
@@ -175,7 +197,8 @@ class ServedModel:
         metrics = self.metrics
         for p, ids in enumerate(prompts):
             for sampling in params:
-                choice = Choice(len(job.choices), p, IncrementalText(self.gen.tokenizer, stops), time.perf_counter())
+                text = IncrementalText(self.gen.tokenizer, stops, min_tokens=sampling.min_tokens)
+                choice = Choice(len(job.choices), p, text, time.perf_counter())
                 job.choices.append(choice)
 
                 def on_event(event, choice=choice):  # on the engine's thread: never raises into it

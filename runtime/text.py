@@ -29,8 +29,9 @@ class IncrementalText:
     what was held back once the sequence ends. `finish_reason` is "stop" from the token that completed a stop
     string on, else the engine's reason once `finish` is called. `offsets[i]` is where token i's text starts."""
 
-    def __init__(self, tokenizer, stops: Sequence[str] = ()):
-        self.tokenizer = tokenizer
+    def __init__(self, tokenizer, stops: Sequence[str] = (), min_tokens: int = 0):
+        """min_tokens: stop strings count only from this many tokens on (vLLM's min_tokens)."""
+        self.tokenizer, self.min_tokens = tokenizer, min_tokens
         self.stops = [s for s in stops if s]
         self.longest_stop = max((len(s) for s in self.stops), default=0)
         self.ids: list[int] = []
@@ -50,7 +51,7 @@ class IncrementalText:
         self.ids.append(int(token))
         self.events.append(event)
         self.text = self.tokenizer.decode(self.ids)
-        if self.stops:
+        if self.stops and len(self.ids) >= self.min_tokens:
             # a stop string cannot start before what was handed out less its length: that text was checked
             start = max(0, self.sent - self.longest_stop)
             cut = min((i for i in (self.text.find(s, start) for s in self.stops) if i >= 0), default=-1)

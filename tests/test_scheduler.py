@@ -77,7 +77,8 @@ def test_finish_frees_the_slot_and_stats_count_positions():
     plan = s.schedule()
     s.advance(plan)
     sample(plan)
-    assert s.stats() == {"running": 2, "waiting": 0, "slots": 2, "slots_used": 2, "kv_tokens_used": 4 + 7}
+    assert s.stats() == {"running": 2, "waiting": 0, "slots": 2, "slots_used": 2, "kv_tokens_used": 4 + 7,
+                         "prefix_cache_queries": 0, "prefix_cache_hits": 0}
     s.finish(a, "length")
     assert a.finish_reason == "length" and s.free == [a.slot] and s.schedule().requests == [b]
 
@@ -87,3 +88,24 @@ def test_bad_limits_are_refused():
         Scheduler(max_batch=0, max_queue=1, prefill_chunk=8)
     with pytest.raises(GptjError, match="at least"):
         Scheduler(max_batch=1, max_queue=1, prefill_chunk=0)
+
+
+def test_users_arriving_together_wait_for_the_first_to_prefill_their_shared_prefix():
+    """b shares a's first 40 prompt tokens: rather than prefill them too (sharing a's budget), b waits until a
+    has computed them, then starts from a copy of a's rows."""
+    s = Scheduler(max_batch=3, max_queue=4, prefill_chunk=8, prefix_cache=True)
+    system = list(range(100, 140))
+    a = s.add(Request(system + [1, 2], SamplingParams(), lambda event: None))
+    first = s.schedule()
+    s.advance(first)
+    b = s.add(Request(system + [3, 4, 5], SamplingParams(), lambda event: None))
+    admitted_at = None
+    for _ in range(6):
+        plan = s.schedule()
+        if b.slot is not None and admitted_at is None:
+            admitted_at = plan
+        s.advance(plan)
+        sample(plan)
+    assert admitted_at.copies == [(a.slot, b.slot, 40)] and b.cached_tokens == 40
+    # a's last two prompt tokens, then b's last three in the rest of the step's budget
+    assert [(c.request, c.start, len(c.tokens)) for c in admitted_at.chunks] == [(a, 40, 2), (b, 40, 3)]

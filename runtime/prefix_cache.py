@@ -79,7 +79,9 @@ class SlotPrefixes:
 
     def wrote(self, slot: int, start: int, tokens: list[int]) -> None:
         """A step computed the rows of tokens at start, start + 1, ... in slot."""
-        self.tokens[slot] = self.tokens[slot][:start] + tokens
+        held = self.tokens[slot]
+        del held[start:]  # in place: a decode step appends one token to a list of up to the context
+        held.extend(tokens)
         self.last_used[slot] = next(self._clock)
 
     def forget(self, slot: int) -> None:

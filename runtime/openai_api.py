@@ -16,7 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from .text import IncrementalText
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-               413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 503: "service_unavailable"}
+               405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
+               500: "server_error", 503: "service_unavailable"}
+MAX_STOPS, MAX_STOP_CHARS = 16, 256  # OpenAI takes 4 stop sequences; each is checked at every token
+MAX_JSON_DEPTH = 64  # OpenAI's bodies nest a few levels; Python's parser gives up near 1,000
 FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "context": "length"}  # ours -> OpenAI's
 DOLLY_INTRO = ("Below is an instruction that describes a task. Write a response that appropriately completes "
                "the request.")
@@ -28,13 +31,42 @@ def openai_finish_reason(reason: str | None) -> str | None:
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": ERROR_TYPES.get(self.status, "server_error"),
                           "param": self.param, "code": self.code}}
+
+
+def check_json(data) -> None:
+    """A parsed body nests at most MAX_JSON_DEPTH levels, and every string in it (keys too) is text the tokenizer
+    can take: JSON's \\u escapes can spell a lone surrogate, which is no Unicode character."""
+    stack = [(data, "", 0)]
+    while stack:
+        value, path, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise ApiError(400, f"the body nests past {MAX_JSON_DEPTH} levels")
+        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        for key, item in items:
+            where = f"{path}.{key}" if path else str(key)
+            if isinstance(key, str) and not _is_text(key):
+                raise ApiError(400, f"{path or 'the body'}: a key is not valid Unicode (a lone surrogate)",
+                               path or None)
+            if isinstance(item, str) and not _is_text(item):
+                raise ApiError(400, f"{where}: not valid Unicode (a lone surrogate)", where)
+            stack.append((item, where, depth + 1))
+
+
+def _is_text(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def from_validation_errors(errors) -> ApiError:
@@ -72,6 +104,8 @@ class SamplingRequest(BaseModel):
         stops = [self.stop] if isinstance(self.stop, str) else self.stop
         if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
             raise ApiError(400, "stop: must be a string or a list of strings", "stop")
+        if len(stops) > MAX_STOPS or any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ApiError(400, f"stop: at most {MAX_STOPS} strings of at most {MAX_STOP_CHARS} characters", "stop")
         return [s for s in stops if s]
 
     @property

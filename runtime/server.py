@@ -24,8 +24,8 @@ from starlette.exceptions import HTTPException
 
 from gptj_tvm.core.errors import GptjError
 
-from .openai_api import (ApiError, ChatRequest, CompletionRequest, Shape, chat_prompt, completion_prompts,
-                         from_validation_errors, refuse_unhonoured)
+from .openai_api import (MAX_JSON_DEPTH, ApiError, ChatRequest, CompletionRequest, Shape, chat_prompt, check_json,
+                         completion_prompts, from_validation_errors, refuse_unhonoured)
 from .responses import respond
 from .serve_options import ServeOptions
 from .serving import ServedModel, log
@@ -56,8 +56,11 @@ async def read_json(request: Request, limit: int) -> dict:
         data = json.loads(body)
     except ValueError as err:
         raise ApiError(400, f"the body is not JSON ({err})") from None
+    except RecursionError:
+        raise ApiError(400, f"the body nests past {MAX_JSON_DEPTH} levels") from None
     if not isinstance(data, dict):
         raise ApiError(400, "the body must be a JSON object")
+    check_json(data)
     return data
 
 
@@ -149,13 +152,13 @@ async def metrics(served: ServedModel = Served):
 def add_error_handlers(app: FastAPI, served: ServedModel) -> None:
     """Every error as OpenAI's error object, counted by status; anything unexpected is a logged 500."""
 
-    def refuse(status: int, body: dict) -> JSONResponse:
+    def refuse(status: int, body: dict, headers: dict | None = None) -> JSONResponse:
         served.metrics.errors.labels(str(status)).inc()
-        return JSONResponse(body, status_code=status)
+        return JSONResponse(body, status_code=status, headers=headers)
 
     @app.exception_handler(ApiError)
     async def api_error(_request, err: ApiError):
-        return refuse(err.status, err.body())
+        return refuse(err.status, err.body(), err.headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_request, err: RequestValidationError):

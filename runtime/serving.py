@@ -221,7 +221,7 @@ class ServedModel:
                     job.cancel()
                     if self.phase != "ready":
                         raise ApiError(503, str(err), code="draining") from None
-                    raise ApiError(429, str(err), code="queue_full") from None
+                    raise ApiError(429, str(err), code="queue_full", headers={"Retry-After": "1"}) from None
                 except GptjError as err:
                     job.cancel()
                     raise ApiError(400, str(err), "prompt") from None

@@ -345,8 +345,9 @@ def test_full_queue_is_429_and_the_queued_requests_complete(serve, generator):
         workers.append(threading.Thread(target=complete, args=("second", 5)))
         workers[1].start()
         wait_until(lambda: engine.stats()["waiting"] == 1, 10, "the second request to queue")
-        with pytest.raises(openai.RateLimitError):
+        with pytest.raises(openai.RateLimitError) as raised:
             client.completions.create(model="tiny", prompt=PROMPT, max_tokens=5)
+        assert raised.value.response.headers["retry-after"] == "1"
         gate.set()
         for worker in workers:
             worker.join(timeout=60)

@@ -1,0 +1,53 @@
+"""Requests that used to get a 500 or tie up the engine (issue 33's list), sent raw with httpx as a client would,
+each answered with OpenAI's error object and a 4xx, the server answering normally afterwards."""
+
+from __future__ import annotations
+
+import pytest
+
+from test_serve import PROMPT, Served
+
+from gptj_tvm.runtime.server import create_app
+
+KEYS = {"message", "type", "param", "code"}
+
+
+@pytest.fixture(scope="module")
+def served(artifact):
+    server = Served(create_app(artifact("tiny"), max_batch=2, model_name="tiny"))
+    yield server
+    server.close()
+
+
+def post(served, path: str, body: str):
+    return served.http.post(path, content=body.encode("utf-8"), headers={"content-type": "application/json"})
+
+
+@pytest.mark.parametrize("path,body,param", [
+    ("/v1/completions", '{"prompt": "\\ud800", "max_tokens": 1}', "prompt"),
+    ("/v1/completions", '{"prompt": ["ok", "a\\udfff"], "max_tokens": 1}', "prompt.1"),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "\\ud800"}]}', "messages.0.content"),
+    ("/v1/chat/completions", '{"messages": [{"role": "\\ud800", "content": "hi"}]}', "messages.0.role"),
+    ("/v1/completions", '{"prompt": "hi", "model": "\\ud800"}', "model"),
+    ("/tokenize", '{"prompt": "\\udbff"}', "prompt"),
+])
+def test_a_lone_surrogate_is_a_400_naming_the_field(served, path, body, param):
+    answer = post(served, path, body)
+    assert answer.status_code == 400 and set(answer.json()["error"]) == KEYS
+    assert answer.json()["error"]["param"] == param and "surrogate" in answer.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("depth", [100, 1000, 5000])
+def test_json_nested_past_the_limit_is_a_400(served, depth):
+    answer = post(served, "/v1/completions", '{"prompt": "hi", "x": ' + "[" * depth + "]" * depth + "}")
+    assert answer.status_code == 400 and "nests past" in answer.json()["error"]["message"]
+
+
+def test_a_wrong_method_is_an_invalid_request_and_a_full_stop_list_is_refused(served):
+    answer = served.http.get("/v1/completions")
+    assert answer.status_code == 405 and answer.json()["error"]["type"] == "invalid_request_error"
+    for stop in (["x"] * 17, ["y" * 257]):
+        answer = served.http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2, "stop": stop})
+        assert answer.status_code == 400 and answer.json()["error"]["param"] == "stop"
+    fine = served.http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2, "stop": ["x"] * 16})
+    assert fine.status_code == 200 and served.http.get("/health").status_code == 200

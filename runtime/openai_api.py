@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .text import IncrementalText
 
@@ -77,13 +77,14 @@ def from_validation_errors(errors) -> ApiError:
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True)
     include_usage: bool = False
 
 
 class SamplingRequest(BaseModel):
     """What completions and chat completions share."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)  # "10" is not a number, "yes" not a boolean (OpenAI's 400)
     model: str | None = None  # absent: the one model served
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)  # absent: 1.0, as OpenAI; 0 is greedy
@@ -120,9 +121,15 @@ class CompletionRequest(SamplingRequest):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    role: str
-    content: Any = None  # a string, or a list of {"type": "text", "text": ...} parts
+    model_config = ConfigDict(extra="allow", strict=True)
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Any = None  # a string, or a list of {"type": "text", "text": ...} parts; only an assistant's may be absent
+
+    @model_validator(mode="after")
+    def _content_unless_assistant(self):
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"a {self.role} message needs content")
+        return self
 
     def text(self, index: int) -> str:
         if self.content is None or isinstance(self.content, str):
@@ -167,14 +174,14 @@ def _is_ids(value) -> bool:
                                                            for i in value)
 
 
-def completion_prompts(prompt, tokenizer) -> list[list[int]]:
-    """The prompt field as token ids, one list per prompt."""
+def completion_prompts(prompt) -> list[str] | list[list[int]]:
+    """The prompt field as a list of texts (to tokenize) or of token id lists, one per prompt."""
     if isinstance(prompt, str):
-        return [tokenizer.encode(prompt)]
+        return [prompt]
     if _is_ids(prompt):
         return [list(prompt)]
     if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
-        return [tokenizer.encode(p) for p in prompt]
+        return list(prompt)
     if isinstance(prompt, list) and prompt and all(_is_ids(p) for p in prompt):
         return [list(p) for p in prompt]
     raise ApiError(400, "prompt: must be a string, a list of strings, a list of token ids or a list of lists of "

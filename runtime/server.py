@@ -84,7 +84,9 @@ v1 = APIRouter(dependencies=[Depends(authorized)])
 @v1.post("/v1/completions")
 async def completions(request: Request, served: ServedModel = Served):
     body = await parse(request, served, CompletionRequest)
-    prompts = completion_prompts(body.prompt, served.gen.tokenizer)
+    prompts = completion_prompts(body.prompt)
+    if isinstance(prompts[0], str):
+        prompts = await served.encode(prompts, "prompt")
     for ids in prompts:
         served.check_prompt(ids, "prompt")
     params = served.sampling(body, 16 if body.max_tokens is None else body.max_tokens, body.logprobs)
@@ -94,7 +96,7 @@ async def completions(request: Request, served: ServedModel = Served):
 @v1.post("/v1/chat/completions")
 async def chat_completions(request: Request, served: ServedModel = Served):
     body = await parse(request, served, ChatRequest)
-    ids = served.gen.tokenizer.encode(chat_prompt(body.messages, served.template))
+    (ids,) = await served.encode([chat_prompt(body.messages, served.template)], "messages")
     served.check_prompt(ids, "messages")
     top = (body.top_logprobs or 0) if body.logprobs else None
     params = served.sampling(body, body.max_completion_tokens or body.max_tokens, top)
@@ -123,7 +125,7 @@ async def tokenize(request: Request, served: ServedModel = Served):
     data = await read_json(request, served.max_body_bytes)
     if not isinstance(data.get("prompt"), str):
         raise ApiError(400, "prompt: must be a string", "prompt")
-    tokens = served.gen.tokenizer.encode(data["prompt"])
+    (tokens,) = await asyncio.to_thread(served.gen.tokenizer.encode_batch, [data["prompt"]])
     return {"tokens": tokens, "count": len(tokens), "max_model_len": served.slot_len}
 
 

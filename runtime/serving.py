@@ -145,7 +145,7 @@ class ServedModel:
         gen = Generator.load(self.folder)
         engine = gen.engine(max_batch=self.max_batch, max_queue=self.max_queue, positions=self.slot_len,
                             prefill_chunk=self.prefill_chunk, prefix_cache=self.prefix_cache)
-        self.gen, self.template = gen, chat_template(gen.tokenizer)
+        self.gen, self.template, self.longest_token = gen, chat_template(gen.tokenizer), gen.tokenizer.longest_token
         engine.start()
         self.engine = engine
         log.info("%s loaded: %d slots of %d positions, KV cache %.3g GB, prefix cache %s, chat template %s",
@@ -163,6 +163,15 @@ class ServedModel:
         if model is not None and model != self.model:
             raise ApiError(404, f"The model '{model}' does not exist; this server has '{self.model}'", "model",
                            "model_not_found")
+
+    async def encode(self, texts: list[str], param: str) -> list[list[int]]:
+        """Texts as token ids, off the event loop; a text that cannot fit a sequence's positions, whatever its
+        tokens, is refused before it is tokenized."""
+        for text in texts:
+            if len(text) > self.slot_len * self.longest_token:
+                raise ApiError(400, f"{param}: {len(text)} characters cannot fit {self.slot_len} positions (a token "
+                                    f"is at most {self.longest_token} characters)", param, "context_length_exceeded")
+        return await asyncio.to_thread(self.gen.tokenizer.encode_batch, texts)
 
     def check_prompt(self, ids: list[int], param: str) -> None:
         """The engine's own check, made for every prompt before any is submitted: a bad one is a 400."""

@@ -20,6 +20,15 @@ class ArtifactTokenizer:
     def encode(self, text: str) -> list[int]:
         return self._tokenizer.encode(text).ids
 
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """encode for each text; unlike encode, it lets other Python threads run meanwhile (the server's loop)."""
+        return [encoding.ids for encoding in self._tokenizer.encode_batch(texts)]
+
+    @property
+    def longest_token(self) -> int:
+        """The most characters one token stands for (byte-level tokens: at least one byte per character)."""
+        return max(len(token) for token in self._tokenizer.get_vocab(with_added_tokens=True))
+
     def decode(self, ids: list[int]) -> str:
         """Text of ids without the special tokens; ids the tokenizer lacks (the rows GPT-J pads its vocab with
         where a checkpoint has no added tokens for them) decode to nothing."""

@@ -51,3 +51,24 @@ def test_a_wrong_method_is_an_invalid_request_and_a_full_stop_list_is_refused(se
         assert answer.status_code == 400 and answer.json()["error"]["param"] == "stop"
     fine = served.http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2, "stop": ["x"] * 16})
     assert fine.status_code == 200 and served.http.get("/health").status_code == 200
+
+
+@pytest.mark.parametrize("path,body,param", [
+    ("/v1/completions", {"prompt": PROMPT, "max_tokens": "10"}, "max_tokens"),
+    ("/v1/completions", {"prompt": PROMPT, "stream": "yes"}, "stream"),
+    ("/v1/completions", {"prompt": PROMPT, "seed": 1.5}, "seed"),
+    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
+    ("/v1/chat/completions", {"messages": [{"role": "user"}]}, "messages.0"),
+])
+def test_loose_types_are_400s_as_openai_answers_them(served, path, body, param):
+    answer = served.http.post(path, json=body)
+    assert answer.status_code == 400 and answer.json()["error"]["param"] == param
+
+
+def test_a_prompt_too_long_for_any_tokenization_is_refused_before_tokenizing(served):
+    limit = served.state.slot_len * served.state.longest_token
+    answer = served.http.post("/v1/completions", json={"prompt": "a " * limit, "max_tokens": 1})
+    assert answer.status_code == 400 and answer.json()["error"]["code"] == "context_length_exceeded"
+    ok = served.http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                         "max_tokens": 2})
+    assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"] is not None

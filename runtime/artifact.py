@@ -56,6 +56,7 @@ class ArtifactMetadata:
     weight_files: dict[str, dict] = dataclasses.field(default_factory=dict)  # name -> bytes, sha256
     weights_pending: bool = True  # compiled with --no-weights: convert-weights completes it
     weights_sha256: str = ""
+    small_files: dict[str, dict] = dataclasses.field(default_factory=dict)  # library, tokenizer -> bytes, sha256
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self):
@@ -90,7 +91,9 @@ class ArtifactMetadata:
         """Written to folder/metadata.json with the weight files' sizes and hashes (None: weights pending)."""
         files = {name: {"bytes": (folder / name).stat().st_size, "sha256": file_sha256(folder / name)}
                  for name in weight_files or []}
-        meta = dataclasses.replace(self, weight_files=files, weights_pending=weight_files is None,
+        small = {name: {"bytes": (folder / name).stat().st_size, "sha256": file_sha256(folder / name)}
+                 for name in (self.library, self.tokenizer)}
+        meta = dataclasses.replace(self, weight_files=files, weights_pending=weight_files is None, small_files=small,
                                    weights_sha256=hashlib.sha256("".join(f["sha256"] for f in files.values())
                                                                  .encode()).hexdigest())
         (folder / METADATA).write_text(json.dumps(meta.to_dict(), indent=2))
@@ -142,6 +145,11 @@ class ArtifactMetadata:
         for name in (self.library, self.tokenizer):
             if not (folder / name).is_file():
                 raise GptjError(f"{folder / name}: missing from the artifact")
+        # checked whole, being small: a truncated library would otherwise be mapped and die with SIGBUS
+        for name, info in self.small_files.items():
+            if (folder / name).stat().st_size != info["bytes"] or file_sha256(folder / name) != info["sha256"]:
+                raise GptjError(f"{folder / name}: not the file compile wrote (its size or sha256 differs: "
+                                "damaged or replaced); compile it again")
 
 
 def file_sha256(path: Path) -> str:

@@ -72,3 +72,34 @@ def test_a_prompt_too_long_for_any_tokenization_is_refused_before_tokenizing(ser
     ok = served.http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
                                                          "max_tokens": 2})
     assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"] is not None
+
+
+def damaged_copy(artifact, tmp_path, name: str, damage) -> str:
+    import shutil
+
+    folder = tmp_path / f"damaged-{name}"
+    shutil.copytree(artifact("tiny"), folder)
+    damage(folder / name)
+    return str(folder)
+
+
+def truncate(path) -> None:
+    with open(path, "r+b") as f:
+        f.truncate(4096)
+
+
+def flip_a_byte(path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(data)
+
+
+@pytest.mark.parametrize("name,damage", [("model.so", truncate), ("model.so", flip_a_byte),
+                                         ("tokenizer.json", flip_a_byte)])
+def test_a_damaged_library_or_tokenizer_is_one_line_not_a_signal(artifact, tmp_path, capsys, name, damage):
+    """A truncated library used to be mapped and die of SIGBUS; one changed at the same size ran unchecked."""
+    from test_cli import assert_one_line_error, run
+
+    folder = damaged_copy(artifact, tmp_path, name, damage)
+    code, _, err = run(["generate", folder, "--prompt", PROMPT, "--max-new-tokens", "2"], capsys)
+    assert_one_line_error(code, err, name, "sha256")

@@ -203,7 +203,8 @@ def create_app(artifact_dir, options: ServeOptions | None = None, *, on_load_err
             if served.engine is not None:
                 await asyncio.to_thread(served.engine.shutdown, served.drain_seconds)
 
-    app = FastAPI(title="gptj-tvm", lifespan=lifespan)
+    # no /docs, /redoc or /openapi.json: they would be open past --api-key, and the API is OpenAI's, documented there
+    app = FastAPI(title="gptj-tvm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.served = served
     app.include_router(v1)
     app.include_router(router)

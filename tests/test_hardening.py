@@ -46,6 +46,7 @@ def test_json_nested_past_the_limit_is_a_400(served, depth):
 def test_a_wrong_method_is_an_invalid_request_and_a_full_stop_list_is_refused(served):
     answer = served.http.get("/v1/completions")
     assert answer.status_code == 405 and answer.json()["error"]["type"] == "invalid_request_error"
+    assert all(served.http.get(path).status_code == 404 for path in ("/docs", "/redoc", "/openapi.json"))
     for stop in (["x"] * 17, ["y" * 257]):
         answer = served.http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2, "stop": stop})
         assert answer.status_code == 400 and answer.json()["error"]["param"] == "stop"

@@ -5,7 +5,7 @@
   prefilled, next to the same users sending the message alone (no history, cold);
 - system prompt: one `--system-tokens` system prompt, a first user alone, then `--system-users - 1` more together,
   each with its own question; prompt tokens prefilled, and users 2..n's time to first token next to the same
-  questions with no system prompt;
+  questions and answers with no system prompt;
 - no shared prefix: a cold prompt's time to first token and single-stream decode, to show what the cache costs.
 
     python benchmarks/prefix_cache.py ARTIFACT [--turns 6 --users 4 --rounds 2]
@@ -67,7 +67,8 @@ def system_prompt(gen, args, rng, cache: bool) -> dict:
     run = Run(gen, args.system_users, cache, args.prefill_chunk)
     first = run.together([system + questions[0]], args.new_tokens)
     rest = run.together([system + q for q in questions[1:]], args.new_tokens)
-    bare = Run(gen, args.system_users, False, args.prefill_chunk).together(questions[1:], 1)
+    # the same users and answers with no system prompt: their steps carry the same decode rows
+    bare = Run(gen, args.system_users, False, args.prefill_chunk).together(questions[1:], args.new_tokens)
     return {"prefilled": sum(r["prefilled"] for r in first + rest),
             "prompt_tokens": (args.system_tokens + args.message_tokens // 2) * args.system_users,
             "first_ttft_s": first[0]["ttft_s"], "rest_ttft_s": max(r["ttft_s"] for r in rest),
@@ -91,6 +92,7 @@ def main() -> int:
     parser.add_argument("--system-users", type=int, default=8)
     parser.add_argument("--prefill-chunk", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=2, help="cache on and off alternate (ABBA)")
+    parser.add_argument("--parts", default="chat,system,cold", help="which of chat, system, cold to run")
     parser.add_argument("--out", default="benchmarks/results/prefix_cache.json")
     args = parser.parse_args()
     gen = gptj_tvm.load(args.artifact)
@@ -99,8 +101,8 @@ def main() -> int:
     for r in range(args.rounds):
         for cache in ((True, False) if r % 2 == 0 else (False, True)):
             rng = np.random.default_rng(r)  # the same conversations with the cache on and off
-            side = {"cache": cache, "chat": chat(gen, args, rng, cache), "system": system_prompt(gen, args, rng, cache),
-                    "cold": cold(gen, args, rng, cache)}
+            parts = {"chat": chat, "system": system_prompt, "cold": cold}
+            side = {"cache": cache, **{name: parts[name](gen, args, rng, cache) for name in args.parts.split(",")}}
             result["rounds"].append(side)
             print(f"round {r + 1}, cache {'on' if cache else 'off'}: done", flush=True)
     report(result, args)
@@ -112,6 +114,16 @@ def report(result: dict, args) -> None:
     def median(cache: bool, pick) -> float:
         return statistics.median(pick(side) for side in result["rounds"] if side["cache"] == cache)
 
+    parts = args.parts.split(",")
+    if "chat" in parts:
+        report_chat(args, median)
+    if "system" in parts:
+        report_system(args, median)
+    if "cold" in parts:
+        report_cold(result)
+
+
+def report_chat(args, median) -> None:
     print(f"\nchat: {args.users} users, +{args.message_tokens} tokens a turn, {args.new_tokens} new "
           f"(medians of {args.rounds} rounds; TTFT of the slowest user)")
     print("turn | prompt tokens | prefilled on / off | TTFT on / off s | message alone s | on / alone")
@@ -122,6 +134,9 @@ def report(result: dict, args) -> None:
               f"{median(True, lambda s, t=t: s['chat'][t]['prefilled']):7.0f} / "
               f"{median(False, lambda s, t=t: s['chat'][t]['prefilled']):<7.0f} | {on:6.2f} / {off:<6.2f} | "
               f"{alone:15.2f} | {on / alone:.2f}x")
+
+
+def report_system(args, median) -> None:
     on_pre, off_pre = (median(c, lambda s: s["system"]["prefilled"]) for c in (True, False))
     rest = median(True, lambda s: s["system"]["rest_ttft_s"])
     bare = median(True, lambda s: s["system"]["no_system_ttft_s"])
@@ -129,6 +144,9 @@ def report(result: dict, args) -> None:
           f"{on_pre:.0f} on / {off_pre:.0f} off ({1 - on_pre / off_pre:.0%} fewer); users 2-{args.system_users} "
           f"TTFT {rest:.2f} s on, {median(False, lambda s: s['system']['rest_ttft_s']):.2f} s off, "
           f"{bare:.2f} s with no system prompt ({rest / bare:.2f}x)")
+
+
+def report_cold(result: dict) -> None:
     ratios = {key: [a["cold"][key] / b["cold"][key] for a, b in zip(result["rounds"][0::2], result["rounds"][1::2])]
               for key in ("ttft_s", "decode_ms")}
     flips = [1 if side["cache"] else -1 for side in result["rounds"][0::2]]  # on/off per round, whichever ran first

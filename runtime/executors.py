@@ -33,7 +33,6 @@ class SlotExecutor:
         self.positions = min(positions or model.context, model.context)
         self.max_prompt_tokens = self.positions - 1
         self._caches = model.new_slot_caches(max_batch, self.positions)
-        self.cache_bytes = max_batch * self.positions * model.meta.kv_bytes_per_position
 
     def execute(self, plan: StepPlan) -> np.ndarray:
         for source, target, rows in plan.copies:
@@ -68,10 +67,6 @@ class SequenceExecutor:
         self.model = model
         self.positions = self.max_prompt_tokens = min(positions or model.context, model.context)
         self._caches: dict[int, object] = {}  # request id -> its KV cache
-
-    @property
-    def cache_bytes(self) -> int:
-        return sum(int(c[0].shape[0]) for c in self._caches.values()) * self.model.meta.kv_bytes_per_position
 
     def execute(self, plan: StepPlan) -> np.ndarray:
         (chunk,) = plan.chunks  # the scheduler runs one sequence at a time here

@@ -13,7 +13,7 @@ from typing import Iterator, Sequence
 
 from gptj_tvm.core.errors import GptjError
 
-from .engine import Engine, TokenEvent
+from .engine import Engine, FinishEvent
 from .executors import SequenceExecutor, executor_for
 from .generation import Generation, TextStream, check_sampling, finish_stats
 from .model import Model
@@ -51,16 +51,9 @@ class Generator(Model):
             more = engine.step()
             while events:
                 event = events.popleft()
-                if text.finish_reason is not None:  # after a stop string: the cancel on its way
-                    continue
-                if isinstance(event, TokenEvent):
-                    piece = text.add(event)
-                    if text.stopped:
-                        request.cancel()
-                else:
-                    if event.reason == "error":
-                        raise GptjError(f"generation failed: {event.message}")
-                    piece = text.finish(event.reason)
+                if isinstance(event, FinishEvent) and event.reason == "error" and text.finish_reason is None:
+                    raise GptjError(f"generation failed: {event.message}")
+                piece = text.take(event, request)
                 result.ids, result.text, result.finish_reason = text.ids, text.text, text.finish_reason or "length"
                 if piece:
                     yield piece, result
@@ -98,15 +91,9 @@ class Generator(Model):
             handle: list = []  # the request, once submitted: a stop string cancels it
 
             def on_event(event, text=text, handle=handle):
-                if text.finish_reason is not None:
-                    return
-                if isinstance(event, TokenEvent):
-                    text.add(event)
-                    if text.stopped:
-                        handle[0].cancel()
-                else:
-                    text.finish(event.reason)
-                    errors.extend([event.message] if event.reason == "error" else [])
+                if isinstance(event, FinishEvent) and event.reason == "error" and text.finish_reason is None:
+                    errors.append(event.message)
+                text.take(event, handle[0])
 
             handle.append(engine.submit(prompt_ids, params, on_event))
             texts.append(text)

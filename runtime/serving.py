@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from gptj_tvm.core.errors import GptjError
 
 from .artifact import ArtifactMetadata
-from .engine import Engine, QueueFull, SamplingParams, TokenEvent
+from .engine import Engine, FinishEvent, QueueFull, SamplingParams, TokenEvent
 from .generation import PromptTooLong
 from .generator import Generator
 from .openai_api import ApiError, chat_template, openai_finish_reason
@@ -256,18 +256,13 @@ class ServedModel:
                     continue
                 if choice.done:  # after its stop string: the tokens and the cancel still on their way
                     continue
-                if isinstance(event, TokenEvent):
-                    piece = choice.text.add(event)
-                    if choice.text.stopped:
-                        choice.request.cancel()
-                else:
-                    if event.reason == "error":
-                        choice.done = True
-                        self.metrics.finished.labels("error").inc()
-                        raise ApiError(500, f"the engine failed: {event.message}")
-                    if event.reason == "cancelled":
-                        raise ApiError(503, "the server shut down before this request finished")
-                    piece = choice.text.finish(event.reason)
+                if isinstance(event, FinishEvent) and event.reason == "error":
+                    choice.done = True
+                    self.metrics.finished.labels("error").inc()
+                    raise ApiError(500, f"the engine failed: {event.message}")
+                if isinstance(event, FinishEvent) and event.reason == "cancelled":
+                    raise ApiError(503, "the server shut down before this request finished")
+                piece = choice.text.take(event, choice.request)
                 finish_reason = openai_finish_reason(choice.text.finish_reason)
                 if finish_reason:
                     choice.done = True

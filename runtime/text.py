@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from .engine import TokenEvent
+
 REPLACEMENT = "\ufffd"  # what the tokenizer decodes an unfinished UTF-8 sequence to
 
 
@@ -60,6 +62,18 @@ class IncrementalText:
                 self.finish_reason = "stop"
                 return self._take(len(self.text))
         return self._take(len(self.text) - held_back(self.text, self.stops))
+
+    def take(self, event, request) -> str:
+        """An engine event for `request`: a token's final text (a stop string it completes cancels the request,
+        whose remaining events then add nothing), or, when the engine ends it, what was held back."""
+        if self.finish_reason is not None:
+            return ""
+        if isinstance(event, TokenEvent):
+            piece = self.add(event)
+            if self.stopped:
+                request.cancel()
+            return piece
+        return self.finish(event.reason)
 
     def finish(self, reason: str) -> str:
         """What was held back, once the engine ends the sequence (`reason` is kept unless a stop string came)."""

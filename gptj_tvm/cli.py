@@ -159,7 +159,7 @@ def cmd_serve(args) -> int:
                            prefill_chunk=args.prefill_chunk, prefix_cache=args.prefix_cache, api_key=args.api_key,
                            model_name=args.model_name,
                            max_tokens_limit=args.max_tokens_limit, max_n=args.max_n,
-                           drain_seconds=args.drain_seconds)
+                           drain_seconds=args.drain_seconds, header_timeout=args.header_timeout)
     serve(args.artifact, host=args.host, port=args.port, options=options)
     return 0
 
@@ -357,7 +357,8 @@ def _add_serve(sub) -> None:
                                    "/v1/chat/completions, /v1/models; streaming by server-sent events), plus "
                                    "/health, /metrics (Prometheus), /tokenize and /detokenize. Requests are batched "
                                    "continuously: up to --max-batch sequences decode together, one weight read per "
-                                   "step. SIGINT/SIGTERM drain: no new requests, running ones get --drain-seconds.")
+                                   "step. SIGINT/SIGTERM drain: new requests get 503, running ones get "
+                                   "--drain-seconds, then the server exits 0.")
     p.add_argument("artifact", help="artifact folder made by `gptj-tvm compile` (Vulkan ones serve one sequence at "
                                     "a time: they have no batched step)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
@@ -386,7 +387,12 @@ def _add_serve(sub) -> None:
                    help=f"largest n (choices per request) accepted (default {d.max_n})")
     p.add_argument("--drain-seconds", type=float, default=d.drain_seconds,
                    help="on SIGINT/SIGTERM, how long running requests may take to finish "
-                        f"(default {d.drain_seconds:g})")
+                        f"(default {d.drain_seconds:g}); meanwhile new requests and /health get 503, and what is "
+                        "still running then ends (a stream with finish_reason error and [DONE]). A second signal "
+                        "stops at once")
+    p.add_argument("--header-timeout", type=float, default=d.header_timeout, metavar="SECONDS",
+                   help="close a connection that has not sent a request's headers within this time of opening or "
+                        f"of its last response (default {d.header_timeout:g})")
     p.set_defaults(func=cmd_serve)
 
 

@@ -73,4 +73,8 @@ async def stream(served: ServedModel, http, body, shape: Shape, job: Job, prompt
         yield "data: [DONE]\n\n"
     except ApiError as err:  # the status line has gone: the error travels as an event, as OpenAI's do
         served.metrics.errors.labels(str(err.status)).inc()
+        for choice in job.choices:  # every choice still open ends, then the error, then the end of the stream
+            if choice.text.finish_reason is None:
+                yield event(shape.chunk(choice.index, None if shape.chat else "", None, "error"))
         yield event(err.body())
+        yield "data: [DONE]\n\n"

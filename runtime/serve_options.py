@@ -20,7 +20,8 @@ class ServeOptions:
     max_tokens_limit: int | None = None  # None: a slot's positions
     max_n: int = 16
     max_body_bytes: int = 1 << 20
-    drain_seconds: float = 30.0
+    drain_seconds: float = 30.0  # on SIGTERM, for what is running and queued to finish
+    header_timeout: float = 10.0  # seconds a connection may take to send a request's headers
 
 
 DEFAULTS = ServeOptions()

@@ -11,9 +11,11 @@ import asyncio
 import dataclasses
 import hmac
 import json
-import math
+import threading
+import time
 from contextlib import asynccontextmanager
 
+import h11
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -21,14 +23,17 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from gptj_tvm.core.errors import GptjError
 
 from .openai_api import (MAX_JSON_DEPTH, ApiError, ChatRequest, CompletionRequest, Shape, chat_prompt, check_json,
                          completion_prompts, from_validation_errors, refuse_unhonoured)
 from .responses import respond
-from .serve_options import ServeOptions
+from .serve_options import DEFAULTS, ServeOptions
 from .serving import ServedModel, log
+
+FLUSH_SECONDS = 5  # after the engine's drain, for the handlers to write the last events
 
 
 def served_model(request: Request) -> ServedModel:
@@ -152,7 +157,7 @@ async def metrics(served: ServedModel = Served):
 
 
 def add_error_handlers(app: FastAPI, served: ServedModel) -> None:
-    """Every error as OpenAI's error object, counted by status; anything unexpected is a logged 500."""
+    """Every error as OpenAI's error object, counted by status; anything unexpected is a 500 (uvicorn logs it)."""
 
     def refuse(status: int, body: dict, headers: dict | None = None) -> JSONResponse:
         served.metrics.errors.labels(str(status)).inc()
@@ -172,7 +177,7 @@ def add_error_handlers(app: FastAPI, served: ServedModel) -> None:
 
     @app.exception_handler(Exception)
     async def internal_error(_request, err: Exception):
-        log.exception("internal error", exc_info=err)
+        # not logged here: Starlette raises it on after this answer, and uvicorn logs it with its traceback
         return refuse(500, ApiError(500, "internal server error").body())
 
 
@@ -213,33 +218,84 @@ def create_app(artifact_dir, options: ServeOptions | None = None, *, on_load_err
     return app
 
 
+class _HeaderTimeoutProtocol(H11Protocol):
+    """uvicorn's h11 protocol, closing a connection whose request headers have not all arrived within
+    header_timeout seconds of its opening or of its last response (uvicorn has no such limit: a client sending
+    half a header would hold its connection for ever)."""
+
+    header_timeout = DEFAULTS.header_timeout
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._header_timer = self.loop.call_later(self.header_timeout, self._headers_overdue)
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing():
+            self._header_timer.cancel()
+            self._header_timer = self.loop.call_later(self.header_timeout, self._headers_overdue)
+
+    def connection_lost(self, exc) -> None:
+        self._header_timer.cancel()
+        super().connection_lost(exc)
+
+    def _headers_overdue(self) -> None:
+        # their_state leaves IDLE once h11 has parsed a whole request line and headers
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            self.transport.close()
+
+
 class _DrainingServer(uvicorn.Server):
-    """uvicorn's server, with /health turning 503 as soon as a signal asks it to stop."""
+    """uvicorn's server, draining as vLLM and OVMS do. On the first SIGINT or SIGTERM it keeps listening, new
+    requests and /health get 503, and the engine finishes what it holds within drain_seconds; what is left then
+    ends (a stream with finish_reason "error" and [DONE], a whole response with a 503). Only then does uvicorn stop,
+    and the process exits 0. A second signal stops at once (uvicorn's own way, exit status of the signal)."""
 
     def __init__(self, config: uvicorn.Config, served: ServedModel):
         super().__init__(config)
         self.served = served
+        self.draining = False
 
     def handle_exit(self, sig, frame) -> None:
-        if self.served.phase in ("loading", "ready"):
-            self.served.phase = "draining"
-        super().handle_exit(sig, frame)
+        if self.draining:
+            self.force_exit = True
+            super().handle_exit(sig, frame)
+            return
+        self.draining = True
+        engine = self.served.engine
+        self.served.phase = "draining"
+        if engine is None:  # still loading, or failed to: nothing to drain
+            self.should_exit = True
+            return
+        log.info("draining: new requests get 503; running ones have %g s to finish", self.served.drain_seconds)
+        threading.Thread(target=self._drain, args=(engine,), name="gptj-tvm drain", daemon=True).start()
+
+    def _drain(self, engine) -> None:
+        engine.shutdown(self.served.drain_seconds)
+        deadline = time.monotonic() + FLUSH_SECONDS  # the handlers write the last events of what the engine ended
+        while self.server_state.tasks and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.should_exit = True
+
+
+def server_for(app: FastAPI, host: str = "127.0.0.1", port: int = 8000) -> _DrainingServer:
+    """uvicorn, as `serve` runs it, for an app from create_app."""
+    served = app.state.served
+    protocol = type("HeaderTimeoutProtocol", (_HeaderTimeoutProtocol,), {"header_timeout": served.header_timeout})
+    config = uvicorn.Config(app, host=host, port=port, http=protocol, timeout_graceful_shutdown=FLUSH_SECONDS,
+                            log_level="info")
+    return _DrainingServer(config, served)
 
 
 def serve(artifact_dir, host: str = "127.0.0.1", port: int = 8000, options: ServeOptions | None = None) -> None:
-    """Serve until SIGINT or SIGTERM: then no new requests, those running get drain_seconds to finish (uvicorn's
-    graceful shutdown, then the engine's drain), the rest are cancelled. Raises GptjError if the model fails to
-    load."""
+    """Serve until SIGINT or SIGTERM, then drain (_DrainingServer). Raises GptjError if the model fails to load."""
     failures = []
-    app = create_app(artifact_dir, options, on_load_error=lambda message: (failures.append(message), stop()))
-    served = app.state.served
-    config = uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=math.ceil(served.drain_seconds),
-                            log_level="info")
-    runner = _DrainingServer(config, served)
 
-    def stop() -> None:
+    def stop(message: str) -> None:
+        failures.append(message)
         runner.should_exit = True
 
+    runner = server_for(create_app(artifact_dir, options, on_load_error=stop), host, port)
     runner.run()
     if failures:
         raise GptjError(f"cannot serve {artifact_dir}: {failures[0]}")

@@ -125,6 +125,7 @@ class ServedModel:
         max_batch, max_queue, kv_cache_gb = options.max_batch, options.max_queue, options.kv_cache_gb
         api_key, model_name, max_tokens_limit = options.api_key, options.model_name, options.max_tokens_limit
         max_n, max_body_bytes, drain_seconds = options.max_n, options.max_body_bytes, options.drain_seconds
+        self.header_timeout = options.header_timeout
         self.prefill_chunk, self.prefix_cache = options.prefill_chunk, options.prefix_cache
         self.folder = Path(artifact_dir)
         self.meta = ArtifactMetadata.read(self.folder)  # a bad artifact fails here, before serving
@@ -261,7 +262,7 @@ class ServedModel:
                     self.metrics.finished.labels("error").inc()
                     raise ApiError(500, f"the engine failed: {event.message}")
                 if isinstance(event, FinishEvent) and event.reason == "cancelled":
-                    raise ApiError(503, "the server shut down before this request finished")
+                    raise ApiError(503, "the server shut down before this request finished", code="draining")
                 piece = choice.text.take(event, choice.request)
                 finish_reason = openai_finish_reason(choice.text.finish_reason)
                 if finish_reason:

@@ -3,18 +3,27 @@ each answered with OpenAI's error object and a 4xx, the server answering normall
 
 from __future__ import annotations
 
+import json
+import logging
+import signal
+import socket
+import threading
+import time
+
+import httpx
 import pytest
 
-from test_serve import PROMPT, Served
+from test_serve import PROMPT, Served, wait_until
 
-from gptj_tvm.runtime.server import create_app
+from gptj_tvm.runtime.server import create_app, server_for
 
 KEYS = {"message", "type", "param", "code"}
 
 
 @pytest.fixture(scope="module")
 def served(artifact):
-    server = Served(create_app(artifact("tiny"), max_batch=2, model_name="tiny"))
+    app = create_app(artifact("tiny"), max_batch=2, model_name="tiny", header_timeout=1.0)
+    server = Served(app, server=server_for(app))  # as `serve` runs it
     yield server
     server.close()
 
@@ -73,6 +82,94 @@ def test_a_prompt_too_long_for_any_tokenization_is_refused_before_tokenizing(ser
     ok = served.http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
                                                          "max_tokens": 2})
     assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"] is not None
+
+
+def test_a_connection_that_sends_half_a_header_is_closed(served):
+    url = httpx.URL(served.url)
+    with socket.create_connection((url.host, url.port)) as sock:
+        sock.settimeout(10)
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")
+        start = time.monotonic()
+        assert sock.recv(100) == b""  # closed, with nothing sent
+        assert 0.9 < time.monotonic() - start < 5
+    # a client that keeps its connection and sends whole requests slower than the timeout is served throughout
+    for _ in range(2):
+        assert served.http.get("/health").status_code == 200
+        time.sleep(1.2)
+    assert served.http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 1}).status_code == 200
+
+
+class Records(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+def test_an_unexpected_failure_is_a_500_logged_once(served):
+    tokenizer = served.state.gen.tokenizer
+    records, logger = Records(), logging.getLogger("uvicorn.error")
+    logger.addHandler(records)
+
+    def fail(texts):
+        raise RuntimeError("a bug")
+
+    tokenizer.encode_batch = fail
+    try:
+        answer = served.http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 1})
+    finally:
+        del tokenizer.encode_batch
+        logger.removeHandler(records)
+    assert answer.status_code == 500 and answer.json()["error"]["type"] == "server_error"
+    assert [r.exc_info[1].args for r in records.records if r.exc_info] == [("a bug",)]
+    assert served.http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 1}).status_code == 200
+
+
+def test_a_drain_answers_503_and_ends_every_stream_with_done(artifact):
+    app = create_app(artifact("tiny"), max_batch=4, model_name="tiny", drain_seconds=1.0)
+    runner = server_for(app)
+    server = Served(app, server=runner)
+    executor = server.state.engine.executor
+    real_execute = executor.execute
+    executor.execute = lambda plan: (time.sleep(0.05), real_execute(plan))[1]  # a step as slow as a big model's
+    answers = {}
+
+    def send(name: str, max_tokens: int, stream: bool) -> None:
+        body = {"prompt": PROMPT, "max_tokens": max_tokens, "ignore_eos": True, "stream": stream}
+        with httpx.Client(base_url=server.url, trust_env=False, timeout=60) as http:
+            if stream:
+                with http.stream("POST", "/v1/completions", json=body) as answer:
+                    answers[name] = [line[6:] for line in answer.iter_lines() if line.startswith("data: ")]
+            else:
+                answer = http.post("/v1/completions", json=body)
+                answers[name] = (answer.status_code, answer.json())
+
+    senders = [threading.Thread(target=send, args=args) for args in
+               [("short", 4, True), ("long", 100, True), ("whole", 100, False)]]
+    try:
+        for sender in senders:
+            sender.start()
+        wait_until(lambda: server.state.engine.stats()["running"] == 3, 30, "three running requests")
+        runner.handle_exit(signal.SIGTERM, None)  # what the signal calls, on a thread that cannot take signals
+        health = server.http.get("/health")
+        assert health.status_code == 503 and health.json()["error"]["code"] == "draining"
+        late = server.http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 1})
+        assert late.status_code == 503 and late.json()["error"]["code"] == "draining"
+        for sender in senders:
+            sender.join(30)
+        server.thread.join(30)
+        assert not server.thread.is_alive()  # the server stopped of itself once the drain was over
+    finally:
+        server.close()
+    short = [json.loads(data) for data in answers["short"][:-1]]
+    assert answers["short"][-1] == "[DONE]" and short[-1]["choices"][0]["finish_reason"] == "length"
+    assert "".join(c["choices"][0]["text"] for c in short) != ""
+    *_, ended, error, done = answers["long"]
+    assert json.loads(ended)["choices"][0]["finish_reason"] == "error" and done == "[DONE]"
+    assert json.loads(error)["error"]["code"] == "draining"
+    assert answers["whole"][0] == 503 and answers["whole"][1]["error"]["code"] == "draining"
 
 
 def damaged_copy(artifact, tmp_path, name: str, damage) -> str:

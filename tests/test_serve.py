@@ -47,12 +47,12 @@ def wait_until(condition, seconds: float, what: str) -> None:
 class Served:
     """An app under uvicorn on a thread, on a free loopback port."""
 
-    def __init__(self, app, ready: bool = True):
+    def __init__(self, app, ready: bool = True, server: uvicorn.Server | None = None):
         self.app, self.state = app, app.state.served
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        self.uvicorn = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.uvicorn = server or uvicorn.Server(uvicorn.Config(app, log_level="warning"))
         self.thread = threading.Thread(target=self.uvicorn.run, kwargs={"sockets": [sock]}, daemon=True)
         self.thread.start()
         self.http = httpx.Client(base_url=self.url, trust_env=False, timeout=60)
@@ -447,4 +447,4 @@ def test_cli_serve_drains_on_sigterm(artifact):
         if process.poll() is None:
             process.kill()
     output = process.stdout.read()
-    assert "Shutting down" in output and "Traceback" not in output
+    assert process.returncode == 0 and "Shutting down" in output and "Traceback" not in output

@@ -3,16 +3,19 @@ compiled library (frontend -> ir -> schedules -> targets' code generation)."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
 import tvm
+from tvm import relax
 
 from gptj_tvm.core.errors import GptjError
 from gptj_tvm.frontend.checkpoint_files import CheckpointFiles
 from gptj_tvm.frontend.config import DTYPES, GPTJConfig
 from gptj_tvm.frontend.layouts import INT8_DOTS, LM_HEAD, LayoutPlan, check_scheme
 from gptj_tvm.ir import pipeline
+from gptj_tvm.runtime.artifact import MANIFEST_FUNCTION, library_manifest
 from gptj_tvm.schedules.database import TuningDatabase
 from gptj_tvm.schedules.default import schedule_kernels
 from gptj_tvm.targets import cuda, vulkan
@@ -76,12 +79,12 @@ def describe_cpu(target: tvm.target.Target) -> str:
 def export_model(config: GPTJConfig, dtype: str, fuse_block: bool = True, variant: Variant = CPU,
                  prefill_buckets: tuple[int, ...] = (), batched: bool = False):
     """The Relax module of GPT-J for `config` in `dtype` (with a static `prefill_B` for each bucket B, and with
-    `batched` the serving engine's `step`), and its parameter names in call order."""
+    `batched` the serving engine's `step`), and its parameters in call order (name -> shape, dtype)."""
     from gptj_tvm.frontend.model import GPTJ
 
     model = pipeline.model_passes(fuse_block, variant.layouts)(GPTJ(config, dtype, variant.gpu_loops))
     mod, params = model.export_tvm(spec=model.get_default_spec(prefill_buckets, batched))
-    return mod, [name for name, _ in params]
+    return mod, {name: ([int(n) for n in param.shape], str(param.dtype)) for name, param in params}
 
 
 def build_library(config: GPTJConfig, dtype: str, target: tvm.target.Target, out_path: Path, variant: Variant,
@@ -93,7 +96,11 @@ def build_library(config: GPTJConfig, dtype: str, target: tvm.target.Target, out
     every kernel must come out bound to threads; the device code is built with nvcc (targets/cuda.py)."""
     from gptj_tvm.frontend.config import exported_functions
 
-    mod, param_names = export_model(config, dtype, fuse_block, variant, prefill_buckets, batched)
+    mod, params = export_model(config, dtype, fuse_block, variant, prefill_buckets, batched)
+    manifest = library_manifest(config, dtype, variant.layouts.to_dict(), fuse_block,
+                                exported_functions(prefill_buckets, batched), params)
+    mod[MANIFEST_FUNCTION] = relax.Function([], tvm.ir.StringImm(json.dumps(manifest))).with_attr(
+        "global_symbol", MANIFEST_FUNCTION)
     report: dict[str, str] = {}
     calls: dict[str, list[str]] = {}
 
@@ -113,7 +120,7 @@ def build_library(config: GPTJConfig, dtype: str, target: tvm.target.Target, out
         executable.export_library(str(out_path))
     else:
         executable.export_library(str(out_path))
-    return param_names, report, calls
+    return list(params), report, calls
 
 
 def open_tuning_db(path, target: tvm.target.Target, dtype: str):

@@ -23,12 +23,14 @@ def default_threads() -> int:
 os.environ.setdefault("TVM_NUM_THREADS", str(default_threads()))
 
 
-def load(artifact_dir, device=None, adapter=None):
+def load(artifact_dir, device=None, adapter=None, verify=False):
     """Load a compiled artifact and return a `Generator` (runtime only: no TVM compiler needed). `adapter`:
-    which Vulkan adapter runs a Vulkan artifact (index or part of its name; default the first)."""
+    which Vulkan adapter runs a Vulkan artifact (index or part of its name; default the first); `verify`: check
+    the weights' sha256 against what compile recorded (sizes, and the library's and tokenizer's sha256, are
+    always checked)."""
     from .runtime.generator import Generator  # keep `import gptj_tvm` light
 
-    return Generator.load(artifact_dir, device=device, adapter=adapter)
+    return Generator.load(artifact_dir, device=device, adapter=adapter, verify=verify)
 
 
 __all__ = ["GptjError", "default_threads", "load", "__version__"]

@@ -128,7 +128,7 @@ def cmd_generate(args) -> int:
     _runtime_library_only(args.artifact)
     from . import load
 
-    gen = load(args.artifact, adapter=args.device)
+    gen = load(args.artifact, adapter=args.device, verify=args.verify)
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, seed=args.seed, stop=args.stop or ())
     if args.json:
@@ -159,7 +159,8 @@ def cmd_serve(args) -> int:
                            prefill_chunk=args.prefill_chunk, prefix_cache=args.prefix_cache, api_key=args.api_key,
                            model_name=args.model_name,
                            max_tokens_limit=args.max_tokens_limit, max_n=args.max_n,
-                           drain_seconds=args.drain_seconds, header_timeout=args.header_timeout)
+                           drain_seconds=args.drain_seconds, header_timeout=args.header_timeout,
+                           verify=args.verify)
     serve(args.artifact, host=args.host, port=args.port, options=options)
     return 0
 
@@ -345,6 +346,9 @@ def _add_generate(sub) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: all)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (same seed, same text)")
     p.add_argument("--stop", nargs="+", metavar="STRING", help="stop before any of these strings")
+    p.add_argument("--verify", action="store_true",
+                   help="check the weights' sha256 against what compile recorded before running (about 1 s a GB; "
+                        "their sizes, and the library's and tokenizer's sha256, are always checked)")
     p.add_argument("--json", action="store_true", help="print one JSON object at the end instead of streaming")
     p.add_argument("--device", help="Vulkan artifacts: the adapter to run on, by index or part of its name "
                                     "(see `gptj-tvm devices`; default the first)")
@@ -393,6 +397,9 @@ def _add_serve(sub) -> None:
     p.add_argument("--header-timeout", type=float, default=d.header_timeout, metavar="SECONDS",
                    help="close a connection that has not sent a request's headers within this time of opening or "
                         f"of its last response (default {d.header_timeout:g})")
+    p.add_argument("--verify", action="store_true",
+                   help="check the weights' sha256 against what compile recorded before running (about 1 s a GB; "
+                        "their sizes, and the library's and tokenizer's sha256, are always checked)")
     p.set_defaults(func=cmd_serve)
 
 

@@ -23,11 +23,15 @@ from gptj_tvm.frontend.config import GPTJConfig
 from gptj_tvm.frontend.layouts import LayoutPlan
 from gptj_tvm.targets.host import isa_features
 
-# 3: the linear layouts as a plan ("layouts"); 2: tokenizer.json (added tokens) and stop_token_ids
-FORMAT_VERSION = 3
+# 4: the library carries its manifest; 3: the linear layouts as a plan ("layouts"); 2: tokenizer.json (added tokens)
+# and stop_token_ids
+FORMAT_VERSION = 4
 METADATA = "metadata.json"
 LIBRARY = "model.so"
 TOKENIZER = "tokenizer.json"
+# a function of the library returning, as JSON, what it was compiled for (library_manifest): loading compares
+# metadata.json and the weights with it, since a library run on another shape reads past its buffers
+MANIFEST_FUNCTION = "artifact_manifest"
 
 
 @dataclasses.dataclass
@@ -122,8 +126,29 @@ class ArtifactMetadata:
         except TypeError as err:
             raise GptjError(f"{path}: incomplete metadata ({err})") from None
 
-    def check_compatible(self, folder: Path, tvm_version: str) -> None:
-        """Refuses, in one line, an artifact this machine cannot run as it is."""
+    def check_library(self, folder: Path, manifest: dict) -> None:
+        """Refuses, in one line, metadata.json that says other than the library (library_manifest) does."""
+        ours = library_manifest(self.config, self.dtype, self.layouts, self.fuse_block, self.functions, {})
+        for key in ours:
+            if key != "params" and ours[key] != manifest.get(key):
+                raise GptjError(f"{folder / METADATA} does not match {self.library}: "
+                                f"{_differences(key, ours[key], manifest.get(key))}; compile it again")
+        if self.params != [name for name, _, _ in manifest.get("params", [])]:
+            raise GptjError(f"{folder / METADATA}: its weights are not the ones {self.library} takes; compile it "
+                            "again")
+
+    def check_weights(self, folder: Path, manifest: dict, found: dict[str, tuple[list[int], str]]) -> None:
+        """Refuses, in one line, weights (name -> shape, dtype, from the files' headers) other than the library's."""
+        for name, shape, dtype in manifest["params"]:
+            if name not in found:
+                raise GptjError(f"{folder}: weight {name} missing from the artifact")
+            if list(found[name][0]) != shape or found[name][1] != dtype:
+                raise GptjError(f"{folder}: weight {name} is {found[name][1]} {list(found[name][0])}, the library "
+                                f"takes {dtype} {shape}; compile it again")
+
+    def check_compatible(self, folder: Path, tvm_version: str, verify: bool = False) -> None:
+        """Refuses, in one line, an artifact this machine cannot run as it is. Sizes are always checked, and the
+        small files' sha256; with `verify` the weights' sha256 too (about 1 s a GB of weights)."""
         if self.weights_pending:
             raise GptjError(f"{folder}: compiled without weights; add them with "
                             f"`gptj-tvm convert-weights MODEL_DIR {folder}`")
@@ -150,6 +175,27 @@ class ArtifactMetadata:
             if (folder / name).stat().st_size != info["bytes"] or file_sha256(folder / name) != info["sha256"]:
                 raise GptjError(f"{folder / name}: not the file compile wrote (its size or sha256 differs: "
                                 "damaged or replaced); compile it again")
+        if verify:
+            for name, info in self.weight_files.items():
+                if file_sha256(folder / name) != info["sha256"]:
+                    raise GptjError(f"{folder / name}: its sha256 is not the one compile recorded (damaged or "
+                                    "replaced); compile it again")
+
+
+def library_manifest(config: GPTJConfig, dtype: str, layouts: dict, fuse_block: bool, functions: list[str],
+                     params: dict[str, tuple[list[int], str]]) -> dict:
+    """What a library is compiled for: the model's config, dtype and layouts, its functions, and its weights
+    (name -> shape, dtype) in the order it takes them. compile puts it in the library (MANIFEST_FUNCTION)."""
+    return {"config": config.to_dict(), "dtype": dtype, "layouts": layouts, "fuse_block": fuse_block,
+            "functions": list(functions), "params": [[name, list(shape), dtype] for name, (shape, dtype)
+                                                     in params.items()]}
+
+
+def _differences(key: str, ours, theirs) -> str:
+    if isinstance(ours, dict) and isinstance(theirs, dict):
+        changed = [k for k in sorted(set(ours) | set(theirs)) if ours.get(k) != theirs.get(k)]
+        return ", ".join(f"{key}.{k} is {ours.get(k)!r} there, {theirs.get(k)!r} in the library" for k in changed[:3])
+    return f"{key} is {ours!r} there, {theirs!r} in the library"
 
 
 def file_sha256(path: Path) -> str:

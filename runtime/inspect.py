@@ -16,7 +16,7 @@ from pathlib import Path
 from .artifact import ArtifactMetadata
 from gptj_tvm.frontend.layouts import LinearLayout
 
-from .model import Model, runnable_here, weight_sizes
+from .model import Model, runnable_here, weight_headers
 
 PREFILL_TOKENS = 4
 
@@ -38,8 +38,8 @@ def per_block(calls: list[str], n_layer: int) -> list[str]:
 
 def weight_bytes(folder: Path, meta: ArtifactMetadata) -> tuple[int, int]:
     """(all weight bytes, bytes of block 0's weights)."""
-    sizes = weight_sizes(folder, meta)
-    return sum(size for size, _, _ in sizes), sum(size for size, _, key in sizes if key.startswith("h.0."))
+    weights = weight_headers(folder, meta)
+    return sum(w.bytes for w in weights), sum(w.bytes for w in weights if w.key.startswith("h.0."))
 
 
 def inspect_artifact(folder, run: bool | None = None) -> dict:

@@ -7,8 +7,9 @@ Imports TVM's runtime only (tvm.runtime), never its compiler, so it works with a
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import tvm
@@ -18,7 +19,7 @@ from tvm.runtime.vm import VirtualMachine
 
 from gptj_tvm.core.errors import GptjError
 
-from .artifact import ArtifactMetadata
+from .artifact import MANIFEST_FUNCTION, ArtifactMetadata
 from .generation import check_prompt
 from .profiler import record_calls
 from .tokenizer import ArtifactTokenizer
@@ -42,18 +43,19 @@ class Model:
         self._params = params
 
     @classmethod
-    def load(cls, folder, device: str | None = None, adapter: str | None = None) -> "Model":
-        """`adapter`: for Vulkan artifacts, the adapter's index or part of its name (default: the first)."""
+    def load(cls, folder, device: str | None = None, adapter: str | None = None, verify: bool = False) -> "Model":
+        """`adapter`: for Vulkan artifacts, the adapter's index or part of its name (default: the first);
+        `verify`: check the weights' sha256 too (ArtifactMetadata.check_compatible)."""
         folder = Path(folder)
         meta = ArtifactMetadata.read(folder)
-        meta.check_compatible(folder, tvm.__version__)
+        meta.check_compatible(folder, tvm.__version__, verify)
         kind = device or meta.device
         if kind != meta.device or kind not in DEVICES:
             raise GptjError(f"{folder}: built for device {meta.device!r}, not {kind!r}")
         if adapter is not None and kind != "vulkan":
             raise GptjError(f"--device picks a Vulkan adapter; {folder} runs on {kind}")
-        sizes = weight_sizes(folder, meta)
-        dev = DEVICES[kind](open_vulkan(meta, adapter, sizes) if kind == "vulkan" else 0)
+        weights = weight_headers(folder, meta)
+        dev = DEVICES[kind](open_vulkan(meta, adapter, weights) if kind == "vulkan" else 0)
         if not _device_exists(dev):
             raise GptjError(f"{folder}: needs a {kind} device, and none is visible")
         if kind == "cuda":
@@ -65,7 +67,10 @@ class Model:
         # CPU: the naive allocator hands intermediates back to the system; the pooled one keeps a buffer for
         # every size it saw (each prompt length), which a 24 GB machine running a 12 GB model cannot spare
         vm = VirtualMachine(lib, dev, memory_cfg="naive" if kind == "cpu" else "pooled")
-        params = load_params(folder, meta, dev, sizes)
+        manifest = library_manifest(folder, meta, vm)
+        meta.check_library(folder, manifest)
+        meta.check_weights(folder, manifest, {w.key: (w.shape, w.dtype) for w in weights})
+        params = load_params(folder, meta, dev, weights)
         tokenizer = ArtifactTokenizer(folder / meta.tokenizer)
         return cls(folder, meta, vm, dev, params, tokenizer)
 
@@ -170,9 +175,9 @@ def _device_exists(device) -> bool:
         return False
 
 
-def open_vulkan(meta: ArtifactMetadata, adapter: str | None, sizes: list[tuple[int, str, str]]) -> int:
-    """Make this process able to run a Vulkan artifact (its weights: `sizes`, from weight_sizes), on the
-    adapter asked for; returns its index."""
+def open_vulkan(meta: ArtifactMetadata, adapter: str | None, weights: list[Weight]) -> int:
+    """Make this process able to run a Vulkan artifact (its weights, from weight_headers), on the adapter asked
+    for; returns its index."""
     from . import vulkan  # wgpu is imported only for Vulkan artifacts
 
     index = vulkan.pick_adapter(adapter)
@@ -181,7 +186,7 @@ def open_vulkan(meta: ArtifactMetadata, adapter: str | None, sizes: list[tuple[i
     if missing:
         raise GptjError(f"Vulkan adapter {found['name']} lacks {', '.join(missing)}, which this "
                         f"{meta.dtype} artifact needs; compile it with --dtype float32")
-    largest, _, name = max(sizes, default=(0, "", ""))
+    largest, _, name, *_ = max(weights, default=(0, "", ""))
     if largest > vulkan.max_buffer_bytes(index):
         raise GptjError(f"Vulkan adapter {found['name']} binds at most {vulkan.max_buffer_bytes(index) >> 20} MiB "
                         f"per buffer, and weight {name} is {largest >> 20} MiB")
@@ -200,31 +205,50 @@ def check_cuda_arch(folder: Path, meta: ArtifactMetadata, device) -> None:
                         f"sm_{have}; compile it with --arch sm_{have}")
 
 
-_ITEM_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1}
+_DTYPES = {"F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2),
+           "I64": ("int64", 8), "I32": ("int32", 4), "I16": ("int16", 2), "I8": ("int8", 1), "U8": ("uint8", 1)}
 
 
-def weight_sizes(folder: Path, meta: ArtifactMetadata) -> list[tuple[int, str, str]]:
-    """(bytes, file, tensor name) of every weight of the artifact, from the files' headers."""
-    sizes = []
+class Weight(NamedTuple):
+    bytes: int
+    file: str
+    key: str
+    shape: list[int]
+    dtype: str  # numpy's name
+
+
+def weight_headers(folder: Path, meta: ArtifactMetadata) -> list[Weight]:
+    """Every weight of the artifact, from the files' headers."""
+    weights = []
     for name in meta.weight_files:
         try:
             with safe_open(str(folder / name), framework="np") as f:
                 for key in f.keys():
                     info = f.get_slice(key)
-                    sizes.append((int(np.prod(info.get_shape())) * _ITEM_BYTES.get(info.get_dtype(), 4), name, key))
+                    dtype, item_bytes = _DTYPES.get(info.get_dtype(), (info.get_dtype(), 4))
+                    shape = [int(n) for n in info.get_shape()]
+                    weights.append(Weight(int(np.prod(shape)) * item_bytes, name, key, shape, dtype))
         except (SafetensorError, OSError, ValueError) as err:
             raise GptjError(f"{folder / name}: corrupt weight file ({err})") from None
-    return sizes
+    return weights
 
 
-def load_params(folder: Path, meta: ArtifactMetadata, device,
-                sizes: list[tuple[int, str, str]]) -> "tvm.runtime.Object":
-    """The weights (`sizes`, from weight_sizes) as one packed tuple, in the order the compiled functions take
-    them."""
+def library_manifest(folder: Path, meta: ArtifactMetadata, vm: VirtualMachine) -> dict:
+    """What the library says it was compiled for (runtime/artifact.py library_manifest)."""
+    try:
+        return json.loads(str(vm[MANIFEST_FUNCTION]()))
+    except Exception as err:  # noqa: BLE001  (TVM's error for a missing function, or bad JSON: one line)
+        raise GptjError(f"{folder / meta.library}: carries no readable manifest of what it was compiled for "
+                        f"({str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__}); "
+                        "compile it again") from None
+
+
+def load_params(folder: Path, meta: ArtifactMetadata, device, weights: list[Weight]) -> "tvm.runtime.Object":
+    """The weights (from weight_headers) as one packed tuple, in the order the compiled functions take them."""
     tensors = {}
     # One tensor at a time (its file pages leave the process with it), the largest first: loading one holds it
     # twice for a moment, which then happens while little else is loaded (GPT-J-6B: 0.4 GB embedding, lm_head).
-    for _, name, key in sorted(sizes, key=lambda entry: -entry[0]):
+    for _, name, key, *_ in sorted(weights, key=lambda weight: -weight.bytes):
         try:
             with safe_open(str(folder / name), framework="np") as f:
                 tensors[key] = tvm.runtime.tensor(f.get_tensor(key), device)

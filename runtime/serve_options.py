@@ -22,6 +22,7 @@ class ServeOptions:
     max_body_bytes: int = 1 << 20
     drain_seconds: float = 30.0  # on SIGTERM, for what is running and queued to finish
     header_timeout: float = 10.0  # seconds a connection may take to send a request's headers
+    verify: bool = False  # check the weights' sha256 at load
 
 
 DEFAULTS = ServeOptions()

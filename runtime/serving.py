@@ -125,7 +125,7 @@ class ServedModel:
         max_batch, max_queue, kv_cache_gb = options.max_batch, options.max_queue, options.kv_cache_gb
         api_key, model_name, max_tokens_limit = options.api_key, options.model_name, options.max_tokens_limit
         max_n, max_body_bytes, drain_seconds = options.max_n, options.max_body_bytes, options.drain_seconds
-        self.header_timeout = options.header_timeout
+        self.header_timeout, self.verify = options.header_timeout, options.verify
         self.prefill_chunk, self.prefix_cache = options.prefill_chunk, options.prefix_cache
         self.folder = Path(artifact_dir)
         self.meta = ArtifactMetadata.read(self.folder)  # a bad artifact fails here, before serving
@@ -143,7 +143,7 @@ class ServedModel:
         self.load_error: str | None = None
 
     def load(self) -> None:
-        gen = Generator.load(self.folder)
+        gen = Generator.load(self.folder, verify=self.verify)
         engine = gen.engine(max_batch=self.max_batch, max_queue=self.max_queue, positions=self.slot_len,
                             prefill_chunk=self.prefill_chunk, prefix_cache=self.prefix_cache)
         self.gen, self.template, self.longest_token = gen, chat_template(gen.tokenizer), gen.tokenizer.longest_token

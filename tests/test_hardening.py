@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import signal
 import socket
 import threading
@@ -173,8 +174,6 @@ def test_a_drain_answers_503_and_ends_every_stream_with_done(artifact):
 
 
 def damaged_copy(artifact, tmp_path, name: str, damage) -> str:
-    import shutil
-
     folder = tmp_path / f"damaged-{name}"
     shutil.copytree(artifact("tiny"), folder)
     damage(folder / name)
@@ -201,3 +200,57 @@ def test_a_damaged_library_or_tokenizer_is_one_line_not_a_signal(artifact, tmp_p
     folder = damaged_copy(artifact, tmp_path, name, damage)
     code, _, err = run(["generate", folder, "--prompt", PROMPT, "--max-new-tokens", "2"], capsys)
     assert_one_line_error(code, err, name, "sha256")
+
+
+def edit_metadata(folder, change) -> None:
+    path = folder / "metadata.json"
+    meta = json.loads(path.read_text())
+    change(meta)
+    path.write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("change,says", [
+    (lambda m: m["config"].update(n_layer=3), "config.n_layer is 3 there, 2 in the library"),
+    (lambda m: m["config"].update(n_positions=4096), "config.n_positions is 4096 there, 128 in the library"),
+    (lambda m: m.update(dtype="bfloat16"), "dtype is 'bfloat16' there, 'float32' in the library"),
+    (lambda m: m.update(params=m["params"][::-1]), "its weights are not the ones model.so takes"),
+])
+def test_metadata_that_disagrees_with_the_library_is_refused_in_one_line(artifact, tmp_path, capsys, change, says):
+    """n_layer 2 -> 3 used to load and fail every request; n_positions 128 -> 4096 to corrupt the heap."""
+    from test_cli import assert_one_line_error, run
+
+    folder = tmp_path / "edited"
+    shutil.copytree(artifact("tiny"), folder)
+    edit_metadata(folder, change)
+    code, _, err = run(["generate", folder, "--prompt", PROMPT, "--max-new-tokens", "2"], capsys)
+    assert_one_line_error(code, err, "metadata.json", says)
+
+
+def test_weights_are_checked_against_the_library_and_with_verify_their_sha256(artifact, tmp_path, capsys):
+    from safetensors.numpy import load_file, save_file
+    from test_cli import assert_one_line_error, run
+
+    from gptj_tvm.runtime.artifact import file_sha256
+
+    folder = tmp_path / "weights"
+    shutil.copytree(artifact("tiny"), folder)
+    (weights,) = folder.glob("params-*.safetensors")
+    args = ["generate", folder, "--prompt", PROMPT, "--max-new-tokens", "2"]
+    original = weights.read_bytes()
+
+    # the same size, one bit changed: only the sha256 tells, so only --verify (about 1 s a GB) refuses it
+    damaged = bytearray(original)
+    damaged[-5] ^= 0x01
+    weights.write_bytes(damaged)
+    assert run(args, capsys)[0] == 0
+    assert_one_line_error(*run([*args, "--verify"], capsys)[::2], weights.name, "sha256")
+
+    # a weight of another shape, its size and sha256 recorded as if compile wrote it: the library's manifest tells
+    weights.write_bytes(original)
+    tensors = load_file(weights)
+    name = next(n for n, t in tensors.items() if t.ndim == 2 and t.shape[0] != t.shape[1])
+    tensors[name] = tensors[name].T.copy()
+    save_file(tensors, weights)
+    edit_metadata(folder, lambda m: m["weight_files"][weights.name].update(bytes=weights.stat().st_size,
+                                                                           sha256=file_sha256(weights)))
+    assert_one_line_error(*run(args, capsys)[::2], f"weight {name} is float32", "the library takes float32")

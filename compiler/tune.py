@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 
 from gptj_tvm.core.errors import GptjError
@@ -21,6 +22,8 @@ def tune_model(model_dir, out, options: TuneOptions | None = None, **changes) ->
     from gptj_tvm.schedules.tune import tune
 
     options = dataclasses.replace(options or TuneOptions(), **changes)
+    # --max-seconds bounds the whole run: building the graph and timing the default schedules count too
+    deadline = None if options.max_seconds is None else time.monotonic() + options.max_seconds
     _, config, dtype, tvm_target = prepare(model_dir, options)
     if tvm_target.kind.name != "llvm":
         raise GptjError(f"tune knows this host's CPU (--target llvm) only for now, not {options.target!r}: "
@@ -33,11 +36,13 @@ def tune_model(model_dir, out, options: TuneOptions | None = None, **changes) ->
     mod = pipeline.optimize(export_model(config, dtype, options.fuse_block,
                                          variant_for(tvm_target, dtype, tuned=True), buckets)[0], tvm_target)
     return tune(mod, tvm_target, tuning_fingerprint(tvm_target, dtype), Path(out), trials=options.trials,
-                max_seconds=options.max_seconds, progress=options.progress, prefill_buckets=buckets)
+                deadline=deadline, progress=options.progress, prefill_buckets=buckets)
 
 
 def describe_tuning(comparison: dict) -> str:
     """tune's closing line: what compile --tuning-db would change, per token, measured interleaved."""
+    if comparison is None:
+        return "what it changes: not measured (--max-seconds had passed)"
     if not comparison:
         return "what it changes: nothing here (no tuned kernel beats its default schedule)"
     parts = []

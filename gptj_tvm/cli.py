@@ -329,7 +329,9 @@ def _add_tune(sub) -> None:
                                "decode only)")
     p.add_argument("--trials", type=int, default=64,
                    help="trials per task on average (default 64), spread by each task's time per token")
-    p.add_argument("--max-seconds", type=float, help="bound the whole run; tasks left over are skipped")
+    p.add_argument("--max-seconds", type=float,
+                   help="bound the whole run: past it, the task in flight stops after the batch of trials it is "
+                        "measuring (keeping its best so far) and the tasks left over are skipped")
     p.set_defaults(func=cmd_tune)
 
 

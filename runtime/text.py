@@ -1,8 +1,8 @@
 """The one text path: a sequence's tokens as text, as they arrive, for every client of the engine
 (`Generator.generate` and `.stream`, `generate_batch`, the server).
 
-Each token's ids are decoded whole (the tokenizer's own decode of every id so far, so the text is exactly what
-decoding the finished sequence gives), cut before the first stop string, which may span tokens; what may still
+The text is the tokenizer's own decode (exactly what decoding the finished sequence gives, tokens past the last
+whole character decoded together), cut before the first stop string, which may span tokens; what may still
 change is held back: an unfinished UTF-8 sequence (decoded as U+FFFD) and a tail that could begin a stop string.
 """
 
@@ -19,10 +19,13 @@ def held_back(text: str, stops: Sequence[str]) -> int:
     """How many trailing characters to hold: an unfinished UTF-8 sequence, or the start of a stop string."""
     hold = 1 if text.endswith(REPLACEMENT) else 0
     for stop in stops:
-        for n in range(min(len(stop) - 1, len(text)), 0, -1):
-            if text.endswith(stop[:n]):
-                hold = max(hold, n)
+        tail = text[len(text) - min(len(stop) - 1, len(text)):]
+        at = tail.find(stop[0])
+        while at >= 0:  # the first place the rest of the text begins the stop string is the longest hold
+            if stop.startswith(tail[at:]):
+                hold = max(hold, len(tail) - at)
                 break
+            at = tail.find(stop[0], at + 1)
     return hold
 
 
@@ -40,6 +43,7 @@ class IncrementalText:
         self.events: list = []  # the engine's TokenEvents (logprobs)
         self.offsets: list[int] = []
         self.text = ""
+        self.settled_ids, self.settled_text = 0, ""  # tokens whose text is final, and that text
         self.sent = 0  # characters handed out
         self.logged = 0  # tokens whose logprobs were handed out
         self.finish_reason: str | None = None
@@ -52,7 +56,12 @@ class IncrementalText:
         self.offsets.append(len(self.text.rstrip(REPLACEMENT)))
         self.ids.append(int(token))
         self.events.append(event)
-        self.text = self.tokenizer.decode(self.ids)
+        # decoded from the last token after which the text was all whole characters: what came before cannot
+        # change (byte-level BPE decodes each token to bytes), so each token costs its own text, not the sequence's
+        recent = self.tokenizer.decode(self.ids[self.settled_ids:])
+        self.text = self.settled_text + recent
+        if not recent.endswith(REPLACEMENT):
+            self.settled_ids, self.settled_text = len(self.ids), self.text
         if self.stops and len(self.ids) >= self.min_tokens:
             # a stop string cannot start before what was handed out less its length: that text was checked
             start = max(0, self.sent - self.longest_stop)

@@ -36,6 +36,7 @@ from .measure import kernel_timer, random_args, time_ms
 from .default import TUNED, schedule_kernels
 
 MIN_TRIALS = 2
+TRIALS_PER_BATCH = 16
 
 
 @dataclasses.dataclass
@@ -95,17 +96,29 @@ def spread_trials(tasks: list[Task], trials_per_task: int) -> dict[str, int]:
 
 @derived_object
 class _Progress(PyMeasureCallback):
-    def __init__(self, bar: tqdm):
-        self.bar = bar
+    """The progress bar, and the deadline: once it has passed, the task ends after the batch just measured
+    (MetaSchedule has added that batch's records to the task's database already)."""
+
+    def __init__(self, bar: tqdm, deadline: float | None):
+        self.bar, self.deadline = bar, deadline
         self.best = math.inf
+        self.stopped = False
+        self.trials = 0  # measured (a disabled bar counts nothing)
+        self.started, self.first_batch_s = time.monotonic(), None  # the first includes the builder's start-up
 
     def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
         for result in runner_results:
             if result.error_msg is None and result.run_secs:
                 self.best = min(self.best, sum(float(s) for s in result.run_secs) / len(result.run_secs))
         self.bar.update(len(runner_results))
+        self.trials += len(runner_results)
+        if self.first_batch_s is None:
+            self.first_batch_s = time.monotonic() - self.started
         if self.best < math.inf:
             self.bar.set_postfix_str(f"best {1e3 * self.best:.3f} ms")
+        if self.deadline is not None and time.monotonic() >= self.deadline and not self.stopped:
+            self.stopped = True
+            task_scheduler.terminate_task(task_id)
 
 
 def _quiet_meta_schedule() -> None:
@@ -116,13 +129,16 @@ def _quiet_meta_schedule() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def tune_task(task: Task, target: tvm.target.Target, trials: int, bar: tqdm, seed: int = 0):
-    """The best TuningRecord MetaSchedule finds for the task in `trials` trials (None if none ran)."""
+def tune_task(task: Task, target: tvm.target.Target, trials: int, bar: tqdm, seed: int = 0,
+              deadline: float | None = None):
+    """The best TuningRecord MetaSchedule finds for the task in `trials` trials, or in those measured by the
+    `deadline` (time.monotonic()), None if none ran; the trials measured; the seconds its first batch took."""
     _quiet_meta_schedule()
-    callbacks = [*ms.measure_callback.MeasureCallback.create("default"), _Progress(bar)]
+    callbacks = [*ms.measure_callback.MeasureCallback.create("default"), _Progress(bar, deadline)]
     with tempfile.TemporaryDirectory(prefix="gptj-tune-") as work:
         database = ms.tune_tir(
-            task.module(), target, work, max_trials_global=trials, num_trials_per_iter=min(trials, 32),
+            # batches of at most TRIALS_PER_BATCH: the deadline is checked between them
+            task.module(), target, work, max_trials_global=trials, num_trials_per_iter=min(trials, TRIALS_PER_BATCH),
             # a fresh builder worker spends 15-30 s importing TVM's tensor intrinsics on 2 cores before its
             # first build; a long timeout lets it (an initializer doing the import costs that twice per task)
             builder=ms.builder.LocalBuilder(timeout_sec=120),
@@ -134,7 +150,8 @@ def tune_task(task: Task, target: tvm.target.Target, trials: int, bar: tqdm, see
                 # the default 512 candidates per round cost minutes on 2 cores for a budget of a few trials
                 population_size=min(512, 32 * trials), init_min_unmeasured=min(50, 8 * trials)))
         records = [r for r in database.get_all_tuning_records() if r.run_secs]
-    return min(records, key=_mean_seconds, default=None)
+    progress = callbacks[-1]
+    return min(records, key=_mean_seconds, default=None), progress.trials, progress.first_batch_s
 
 
 def _mean_seconds(record) -> float:
@@ -148,9 +165,11 @@ def default_ms(task: Task, target: tvm.target.Target, repeat: int = 5) -> float:
 
 
 def tune(mod: tvm.IRModule, target: tvm.target.Target, expected: dict, out: Path, trials: int = 64,
-         max_seconds: float | None = None, progress: bool = True, prefill_buckets: tuple[int, ...] = ()) -> dict:
+         deadline: float | None = None, progress: bool = True, prefill_buckets: tuple[int, ...] = ()) -> dict:
     """Tune the GEMMs of decode and of each `prefill_B` of an optimized module (ir.pipeline.optimize, exported
-    with those buckets) into the database at out, whose records are valid for the `expected` fingerprint."""
+    with those buckets) into the database at out, whose records are valid for the `expected` fingerprint. By the
+    `deadline` (time.monotonic()), if given, the task in flight stops after its current batch of trials and
+    keeps its best so far, the tasks after it are left, and so is the closing comparison."""
     db = TuningDatabase.open(out, expected, create=True)
     if not db.matches(expected):
         raise GptjError(f"{out}: tuned on other hardware or for another target/dtype; choose another output")
@@ -159,32 +178,29 @@ def tune(mod: tvm.IRModule, target: tvm.target.Target, expected: dict, out: Path
     known = {key: entry["default_us"] / 1e3 for key, entry in db.records.items()}
     tasks = measure_defaults(gemm_tasks(mod, target, prefill_buckets), target, known, progress)
     budget = spread_trials(tasks, trials)
-    start = time.perf_counter()  # max_seconds bounds the tuning; timing the defaults (seconds) comes first
+    start = time.perf_counter()
     summary = {"tasks": len(tasks), "resumed": 0, "tuned": 0, "skipped_for_time": 0}
-    seconds_per_trial = None
+    first_batch_s = None
     for i, task in enumerate(tasks):
         if task.key in db.records:
             summary["resumed"] += 1
             continue
+        # a task runs at least one batch: none starts that the last one's first batch says cannot end in time
+        if deadline is not None and time.monotonic() + (first_batch_s or 0.0) >= deadline:
+            summary["skipped_for_time"] += 1
+            continue
         n = budget[task.key]
-        if max_seconds is not None:
-            left = max_seconds - (time.perf_counter() - start)
-            if seconds_per_trial is not None:
-                n = min(n, int(left / seconds_per_trial))
-            if left <= 0 or n < MIN_TRIALS:
-                summary["skipped_for_time"] += 1
-                continue
-        task_start = time.perf_counter()
         with tqdm(total=n, desc=f"task {i + 1}/{len(tasks)} {task.name}", unit="trial", disable=not progress,
                   file=sys.stderr) as bar:
-            record = tune_task(task, target, n, bar)
-        seconds_per_trial = (time.perf_counter() - task_start) / n
+            record, measured, first_batch_s = tune_task(task, target, n, bar, deadline=deadline)
         if record is not None:
-            db.add(task.key, task.name, record, n, default_us=1e3 * task.default_ms)
+            db.add(task.key, task.name, record, measured, default_us=1e3 * task.default_ms)
             db.save()
             summary["tuned"] += 1
     summary["seconds"] = time.perf_counter() - start
-    summary["tuned_vs_default"] = compare_with_defaults(tasks, db, target, progress=progress)
+    out_of_time = deadline is not None and time.monotonic() >= deadline
+    summary["tuned_vs_default"] = None if out_of_time else compare_with_defaults(tasks, db, target,
+                                                                                 progress=progress)
     return summary
 
 

@@ -21,6 +21,9 @@ def default_threads() -> int:
 # TVM's thread pool reads TVM_NUM_THREADS when it first runs a parallel kernel, so setting the default when the
 # package is imported covers the CLI, the Python API (load) and the benchmarks alike; a value set by the user wins.
 os.environ.setdefault("TVM_NUM_THREADS", str(default_threads()))
+# tokenizers' encode_batch (the server's way to tokenize off the event loop) would run on its rayon pool, whose
+# workers spin after each batch on the cores TVM's threads decode on: streamed requests took 1.07x as long
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def load(artifact_dir, device=None, adapter=None, verify=False):

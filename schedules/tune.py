@@ -126,7 +126,12 @@ def _quiet_meta_schedule() -> None:
     import logging
 
     for name in ("tvm.s_tir.meta_schedule", "tvm.meta_schedule"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.WARNING)
+        # tune_tir's logging setup names its logger's handlers in a dictConfig and fails on one without a name
+        # (pytest's capture handler was found there after the server tests, in the same process)
+        for handler in [h for h in logger.handlers if h.get_name() is None]:
+            logger.removeHandler(handler)
 
 
 def tune_task(task: Task, target: tvm.target.Target, trials: int, bar: tqdm, seed: int = 0,

@@ -9,6 +9,7 @@ import json
 import random
 import sys
 import time
+from collections import Counter
 
 import httpx
 
@@ -55,6 +56,8 @@ def request(rng: random.Random) -> tuple[str, bytes]:
     body = {"prompt": rng.choice(TEXT[:4])} if "chat" not in path else {"messages": [{"role": "user",
                                                                                       "content": "hi"}]}
     body["max_tokens"] = rng.randrange(1, 6)
+    if rng.random() < 0.3:  # a random value is seldom a boolean true: streams need a push to be tried at all
+        body["stream"] = True
     for _ in range(rng.randrange(1, 5)):
         body[rng.choice(FIELDS)] = value(rng)
     return path, json.dumps(body).encode()
@@ -74,11 +77,12 @@ def check(answer: httpx.Response, stream_lines: list[str] | None) -> str | None:
     return None
 
 
-def fuzz(http: httpx.Client, count: int, seconds: float, seed: int = 0) -> tuple[int, list[str]]:
-    """(requests sent, problems found): up to `count` requests, for at most `seconds`."""
+def fuzz(http: httpx.Client, count: int, seconds: float, seed: int = 0) -> tuple[int, list[str], Counter]:
+    """(requests sent, problems found, answers by status and kind): up to `count` requests, for at most
+    `seconds`."""
     rng = random.Random(seed)
     deadline = time.monotonic() + seconds
-    sent, problems = 0, []
+    sent, problems, answers = 0, [], Counter()
     while sent < count and time.monotonic() < deadline:
         path, body = request(rng)
         headers = {"content-type": "application/json"}
@@ -87,13 +91,15 @@ def fuzz(http: httpx.Client, count: int, seconds: float, seed: int = 0) -> tuple
             with http.stream("POST", path, content=body, headers=headers) as answer:
                 streamed = answer.headers.get("content-type", "").startswith("text/event-stream")
                 lines = [line for line in answer.iter_lines() if line.startswith("data: ")] if streamed else None
-                answer.read()
+                if not streamed:
+                    answer.read()
                 problem = check(answer, lines)
+                answers[f"{answer.status_code}{' stream' if streamed else ''}"] += 1
         except httpx.HTTPError as err:
             problem = f"{type(err).__name__}: {err}"
         if problem:
             problems.append(f"{path} {body[:300]!r}: {problem}")
-    return sent, problems
+    return sent, problems, answers
 
 
 def test_random_requests_get_answers_or_error_objects_never_a_500(artifact):
@@ -104,8 +110,9 @@ def test_random_requests_get_answers_or_error_objects_never_a_500(artifact):
     app = create_app(artifact("tiny"), max_batch=4, model_name="tiny", max_n=4)
     server = Served(app, server=server_for(app))
     try:
-        sent, problems = fuzz(server.http, count=400, seconds=90, seed=0)
+        sent, problems, answers = fuzz(server.http, count=400, seconds=90, seed=0)
         assert sent >= 100 and not problems, problems[:5]
+        assert answers["200"] and answers["200 stream"] and answers["400"], answers  # it reached the engine too
         assert server.http.get("/health").status_code == 200
         answer = server.http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
         assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 2
@@ -124,6 +131,7 @@ if __name__ == "__main__":  # a longer run against a server of your own
     args = parser.parse_args()
     auth = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     with httpx.Client(base_url=args.url, trust_env=False, timeout=120, headers=auth) as client:
-        total, found = fuzz(client, args.count, args.seconds, args.seed)
-    print(json.dumps({"sent": total, "problems": len(found), "first": found[:10]}, indent=2))
+        total, found, statuses = fuzz(client, args.count, args.seconds, args.seed)
+    print(json.dumps({"sent": total, "answers": dict(statuses.most_common()), "problems": len(found),
+                      "first": found[:10]}, indent=2))
     sys.exit(1 if found else 0)

@@ -32,7 +32,9 @@ class Run:
     """An engine over the loaded model, and requests run to the end through it."""
 
     def __init__(self, gen, users: int, cache: bool, chunk: int):
-        self.engine = gen.engine(max_batch=users, max_queue=4 * users, prefill_chunk=chunk, prefix_cache=cache)
+        # its memory reserved at start, as the server's is: a fresh slot's first rows would otherwise wait for pages
+        self.engine = gen.engine(max_batch=users, max_queue=4 * users, prefill_chunk=chunk, prefix_cache=cache,
+                                 reserve_memory=True)
 
     def together(self, prompts: list[list[int]], new_tokens: int) -> list[dict]:
         outputs = [[] for _ in prompts]

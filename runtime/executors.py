@@ -24,8 +24,9 @@ from .scheduler import Request, StepPlan
 class SlotExecutor:
     copies_rows = True  # sequences share the slot caches: one slot's rows can seed another's (the prefix cache)
 
-    def __init__(self, model, max_batch: int, positions: int | None = None):
-        """positions per sequence (a slot's length): the model's context by default."""
+    def __init__(self, model, max_batch: int, positions: int | None = None, reserve: bool = False):
+        """positions per sequence (a slot's length): the model's context by default; reserve: the caches' memory
+        is written once now (_commit), not at first use."""
         if "step" not in model.meta.functions:
             raise GptjError(f"{model.folder}: has no batched step function (compile it again with this "
                             "version of gptj-tvm; CPU and CUDA artifacts have one)")
@@ -33,6 +34,9 @@ class SlotExecutor:
         self.positions = min(positions or model.context, model.context)
         self.max_prompt_tokens = self.positions - 1
         self._caches = model.new_slot_caches(max_batch, self.positions)
+        if reserve and model.meta.device == "cpu":
+            for cache in self._caches:
+                _commit(cache)
 
     def execute(self, plan: StepPlan) -> np.ndarray:
         for source, target, rows in plan.copies:
@@ -83,12 +87,21 @@ class SequenceExecutor:
         self._caches.pop(request.id, None)
 
 
+def _commit(tensor) -> None:
+    """Writes zeros over the tensor, so that its pages are the process's from now on rather than from the first
+    write of each (as llama.cpp clears its KV buffer at start): on the VMs here a first touch cost 0.7-3 s per
+    GB, paid inside the request that first reached a slot's rows; and a cache too large for the machine shows
+    at start."""
+    zeros = np.zeros(tuple(int(d) for d in tensor.shape), np.dtype(f"u{tensor.dtype.itemsize}"))  # calloc'd
+    tensor._create_view(zeros.shape, zeros.dtype.name).copyfrom(zeros)
+
+
 def _itemsize(dtype: str) -> int:
     return {"float32": 4, "float16": 2, "bfloat16": 2}[dtype]
 
 
-def executor_for(model, max_batch: int, positions: int | None = None):
+def executor_for(model, max_batch: int, positions: int | None = None, reserve: bool = False):
     """The batched step where the artifact has one, else one sequence at a time (Vulkan)."""
     if "step" in model.meta.functions:
-        return SlotExecutor(model, max_batch, positions)
+        return SlotExecutor(model, max_batch, positions, reserve)
     return SequenceExecutor(model, positions)

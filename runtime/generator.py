@@ -24,12 +24,14 @@ from .text import IncrementalText
 
 class Generator(Model):
     def engine(self, max_batch: int = 8, max_queue: int = 64, positions: int | None = None,
-               prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK, prefix_cache: bool = True) -> Engine:
+               prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK, prefix_cache: bool = True,
+               reserve_memory: bool = False) -> Engine:
         """An engine over this model: the batched step with max_batch slots of `positions` (default the context)
         where the artifact has it, reusing the prompt rows its slots still hold (prefix_cache), else one sequence
-        at a time."""
-        return Engine(self, executor_for(self, max_batch, positions), max_queue=max_queue, prefill_chunk=prefill_chunk,
-                      prefix_cache=prefix_cache)
+        at a time. reserve_memory: the slot caches take their memory now rather than as rows are written (what a
+        long-lived server wants; a short batch does not)."""
+        return Engine(self, executor_for(self, max_batch, positions, reserve_memory), max_queue=max_queue,
+                      prefill_chunk=prefill_chunk, prefix_cache=prefix_cache)
 
     def _prompt_ids(self, prompt) -> list[int]:
         return self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)

@@ -145,7 +145,7 @@ class ServedModel:
     def load(self) -> None:
         gen = Generator.load(self.folder, verify=self.verify)
         engine = gen.engine(max_batch=self.max_batch, max_queue=self.max_queue, positions=self.slot_len,
-                            prefill_chunk=self.prefill_chunk, prefix_cache=self.prefix_cache)
+                            prefill_chunk=self.prefill_chunk, prefix_cache=self.prefix_cache, reserve_memory=True)
         self.gen, self.template, self.longest_token = gen, chat_template(gen.tokenizer), gen.tokenizer.longest_token
         engine.start()
         self.engine = engine

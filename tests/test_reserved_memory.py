@@ -1,0 +1,33 @@
+"""A server's KV cache takes its memory at start (`engine(reserve_memory=True)`), not in the requests that first
+write each slot's rows."""
+
+from __future__ import annotations
+
+import numpy as np
+import psutil
+import tvm
+
+from gptj_tvm.runtime.engine import SamplingParams, TokenEvent
+from gptj_tvm.runtime.executors import _commit
+
+MB = 1 << 20
+
+
+def test_commit_makes_a_tensor_resident_and_zero():
+    process = psutil.Process()
+    tensor = tvm.runtime.empty((96, 1024, 1024), "bfloat16", tvm.cpu())  # 192 MB, its pages not yet touched
+    before = process.memory_info().rss
+    _commit(tensor)
+    assert process.memory_info().rss - before >= 0.9 * 192 * MB
+    assert not tensor.numpy().astype(np.float32).any()
+
+
+def test_an_engine_with_reserved_memory_generates_the_reference_tokens(generator, reference):
+    gen = generator("tiny")
+    engine = gen.engine(max_batch=3, prefill_chunk=8, reserve_memory=True)
+    prompt = [int(i) for i in np.random.default_rng(2).integers(0, gen.vocab_size, 11)]
+    out = []
+    engine.submit(prompt, SamplingParams(max_tokens=6, ignore_eos=True),
+                  lambda e: out.append(e.token) if isinstance(e, TokenEvent) else None)
+    engine.run_until_idle()
+    assert out == reference("tiny").greedy(prompt, 6)

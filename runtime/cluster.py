@@ -80,6 +80,16 @@ def wait_running(serve, name: str, stop: threading.Event) -> bool:
     return False
 
 
+def wait_routable(serve, name: str, replicas: int, stop: threading.Event) -> None:
+    """Until the ingress routes to `replicas` engines: the application runs a moment before its handle knows
+    every replica, and requests in that moment would all go to the first."""
+    ingress = serve.get_app_handle(name)
+    deadline = time.monotonic() + 60
+    while len(ingress.known_replicas.remote().result(timeout_s=30)) < replicas and time.monotonic() < deadline:
+        if stop.wait(0.2):
+            return
+
+
 def serve_replicas(artifact, host: str, port: int, options: ServeOptions, replicas: ReplicaOptions) -> None:
     """Serve until SIGINT or SIGTERM, then drain. Raises GptjError (one line) if the replicas cannot start."""
     ray, serve = import_ray()
@@ -114,6 +124,7 @@ def serve_replicas(artifact, host: str, port: int, options: ServeOptions, replic
         if not wait_running(serve, APP_NAME, stop):
             say("stopped before the replicas were ready")
             return
+        wait_routable(serve, APP_NAME, replicas.replicas, stop)
         scaling = f", autoscaling {replicas.min_replicas}-{replicas.max_replicas}" if replicas.autoscaling else ""
         say(f"{replicas.replicas} replicas of {artifact} ({cpus:g} CPUs, {max(1, int(cpus))} TVM threads each"
             f"{scaling}) ready on http://{host}:{port}/v1")

@@ -226,6 +226,11 @@ class Ingress:
             router = routing.ROUTERS.get(self.app_name)
         return sorted(router.live_ids()) if router is not None else []
 
+    async def known_replicas(self) -> list[str]:
+        """The engine replicas this ingress routes to (its handle learns of a new replica a moment after Ray
+        Serve starts it)."""
+        return await self._replica_ids()
+
     @staticmethod
     async def _call(response, timeout: float):
         async def answer():

@@ -434,8 +434,8 @@ def _add_serve(sub) -> None:
                         "sees) behind one ingress on --host:--port; a conversation's next turn goes to the replica "
                         "that served it while that one has a free slot, other requests to the least loaded")
     r.add_argument("--ray-address", metavar="ADDR",
-                   help="join this Ray cluster (e.g. ray://head:10001 or head:6379; default: start a Ray head on "
-                        "127.0.0.1 for this machine alone)")
+                   help="join this Ray cluster from one of its nodes (head:6379, or auto; default: start a Ray head "
+                        "on 127.0.0.1 for this machine alone)")
     r.add_argument("--min-replicas", type=int, metavar="N", help="with --max-replicas: autoscale between the two on "
                                                                   "requests per replica (target: --max-batch)")
     r.add_argument("--max-replicas", type=int, metavar="N")

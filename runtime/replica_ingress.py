@@ -26,7 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, g
 from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
 from ray.exceptions import RayActorError
-from ray.serve.exceptions import BackPressureError
+from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError
 
 from . import replica_routing as routing
 from .openai_api import ApiError, Shape
@@ -37,6 +37,7 @@ log = logging.getLogger("ray.serve")
 ATTEMPTS = 3  # replicas a request is sent to before it gets a 503
 CALL_TIMEOUT_S = 2.0  # one replica's answer to /health or /metrics (a dead one never answers)
 FLUSH_SECONDS = 5.0  # after the engines' drain, for the relays to pass on the last events
+REPLICA_LOST = (RayActorError, ReplicaUnavailableError)  # its process died, or cannot be reached
 HOP_HEADERS = {b"content-length", b"transfer-encoding", b"connection", b"keep-alive"}
 
 
@@ -58,8 +59,12 @@ class StreamTail:
     def saw(self, chunk: bytes) -> None:
         if chunk.startswith(b"data: [DONE]"):
             self.done = True
-        elif chunk.startswith(b"data: {"):
-            event = json.loads(chunk[len(b"data: "):])
+        # only the first event (its envelope) and those that finish a choice are parsed: the rest is per token
+        elif chunk.startswith(b"data: {") and (self.envelope is None or b'"finish_reason": "' in chunk):
+            try:
+                event = json.loads(chunk[len(b"data: "):])
+            except ValueError:
+                return
             if self.envelope is None and "id" in event:
                 self.envelope = event
             for choice in event.get("choices") or ():
@@ -190,12 +195,15 @@ class Ingress:
             except BackPressureError:
                 raise ApiError(429, "every replica's queue is full", code="queue_full",
                                headers={"Retry-After": "1"}) from None
-            except RayActorError as err:
+            except REPLICA_LOST as err:
                 call.cancel()
                 self.metrics.retried.inc()
                 log.warning("a replica failed before answering %s %s (%s); sending it again", forwarded.method,
                             forwarded.path, type(err).__name__)
                 await asyncio.sleep(0.1 * attempt)
+            except asyncio.CancelledError:  # the client went away: so does its engine request
+                call.cancel()
+                raise
         raise ApiError(503, f"{ATTEMPTS} replicas failed before answering this request", code="replicas_failed")
 
     async def _relay(self, call, first: bytes, tail: StreamTail, replica: str):
@@ -207,11 +215,16 @@ class Ingress:
                 tail.saw(chunk)
                 yield chunk
             finished = True
-        except RayActorError:
+        except REPLICA_LOST:
             finished = True
             self.metrics.lost_streams.inc()
             log.warning("replica %s failed during a stream; ending it with an error event", replica)
             for event in tail.ending(f"replica {replica} failed before this stream finished"):
+                yield event
+        except Exception:  # whatever broke the relay, the client gets an end, not a cut (logged)
+            finished = True
+            log.exception("relaying a stream from replica %s failed", replica)
+            for event in tail.ending("the server failed before this stream finished"):
                 yield event
         finally:
             self.in_flight -= 1

@@ -67,13 +67,14 @@ class EngineReplica:
     async def forward(self, request: ForwardedRequest):
         """(status, headers, this replica's id), then (body, more_body) messages: the app's answer."""
         self.forwarding += 1
+        answer = call_asgi(self.app, request)
         try:
-            answer = call_asgi(self.app, request)
             status, headers = await answer.__anext__()
             yield status, headers, self.replica
             async for message in answer:
                 yield message
         finally:
+            await answer.aclose()  # now, not when collected: a caller gone away cancels its engine requests
             self.forwarding -= 1
 
     async def state(self, _request: ForwardedRequest, with_metrics: bool = False) -> dict:

@@ -108,13 +108,13 @@ def single(artifact):
     served.close()
 
 
-def without_ids(value):
+def comparable(value):
     """A response or chunk as JSON, less what differs between any two answers: id, created, and the prompt tokens
     found in the prefix cache (each engine's cache holds what it has served)."""
     if isinstance(value, dict):
-        return {k: without_ids(v) for k, v in value.items() if k not in ("id", "created", "prompt_tokens_details")}
+        return {k: comparable(v) for k, v in value.items() if k not in ("id", "created", "prompt_tokens_details")}
     if isinstance(value, list):
-        return [without_ids(v) for v in value]
+        return [comparable(v) for v in value]
     return value
 
 
@@ -144,9 +144,9 @@ def test_answers_equal_the_single_process_servers(cluster, single):
         ours, theirs = cluster.post(path, body), single.http.post(path, json=body)
         assert ours.status_code == theirs.status_code, (path, body, ours.text)
         if body.get("stream"):
-            assert without_ids(events(ours)) == without_ids(events(theirs)), body
+            assert comparable(events(ours)) == comparable(events(theirs)), body
         else:
-            assert without_ids(ours.json()) == without_ids(theirs.json()), body
+            assert comparable(ours.json()) == comparable(theirs.json()), body
         assert ours.status_code != 200 or ours.headers["x-gptj-replica"] in cluster.replicas()
     assert cluster.http.get("/v1/models").json() == single.http.get("/v1/models").json()
     missing = cluster.http.get("/v1/nothing")
@@ -156,7 +156,7 @@ def test_answers_equal_the_single_process_servers(cluster, single):
         options = dict(model="tiny", messages=chat, max_tokens=8, temperature=0.7, seed=3, stream=stream)
         a, b = ours.chat.completions.create(**options), theirs.chat.completions.create(**options)
         a, b = ([c.model_dump() for c in x] if stream else x.model_dump() for x in (a, b))
-        assert without_ids(a) == without_ids(b)
+        assert comparable(a) == comparable(b)
 
 
 def test_each_conversation_stays_on_the_replica_that_holds_it(cluster, single):

@@ -228,6 +228,27 @@ def test_metrics_carry_every_replica_and_the_ingress(cluster):
     assert {s.labels["status"] for s in errors if s.labels["replica"] != "ingress"} >= {"400"}
 
 
+def test_a_client_that_goes_away_cancels_its_engine_requests(cluster):
+    def engine_totals() -> tuple[float, float]:
+        samples = [s for f in text_string_to_metric_families(cluster.http.get("/metrics").text) for s in f.samples
+                   if s.labels.get("replica") != "ingress"]
+        aborted = sum(s.value for s in samples if s.name == "gptj_tvm_request_finished_total"
+                      and s.labels["finish_reason"] == "abort")
+        return aborted, sum(s.value for s in samples if s.name == "gptj_tvm_generation_tokens_total")
+
+    aborted, generated = engine_totals()
+    body = {"prompt": [4321] * 20, "max_tokens": 105, "ignore_eos": True}
+    with cluster.http.stream("POST", "/v1/completions", json={**body, "stream": True}) as answer:
+        assert next(line for line in answer.iter_lines() if line.startswith("data: {"))
+    with pytest.raises(httpx.TimeoutException):  # a whole answer the client stops waiting for
+        cluster.http.post("/v1/completions", json=body, timeout=0.05)
+    deadline = time.monotonic() + 10
+    while engine_totals()[0] < aborted + 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    now_aborted, now_generated = engine_totals()
+    assert now_aborted == aborted + 2 and now_generated - generated < 2 * 105
+
+
 def test_a_killed_replica_loses_only_its_running_streams(cluster, single):
     bodies = [{"prompt": [1000 + 37 * i + k for k in range(20)], "max_tokens": 90, "temperature": 0,
                "ignore_eos": True, "return_token_ids": True, "stream": i % 3 != 2} for i in range(18)]

@@ -56,6 +56,7 @@ def check_port_free(host: str, port: int) -> None:
 
 def start_ray(ray, address: str | None) -> None:
     options = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # this process says what matters itself
     if address is None:
         ray.init(address="local", _node_ip_address="127.0.0.1", **options)
     else:

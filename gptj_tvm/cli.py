@@ -16,7 +16,7 @@ from pathlib import Path
 from .core.errors import GptjError
 from .frontend.config import PREFILL_BUCKETS
 from .runtime.serve_options import DEFAULTS as SERVE_DEFAULTS
-from .runtime.serve_options import ServeOptions
+from .runtime.serve_options import ReplicaOptions, ServeOptions
 
 DTYPE_CHOICES = ("float32", "float16", "bfloat16")
 
@@ -161,8 +161,34 @@ def cmd_serve(args) -> int:
                            max_tokens_limit=args.max_tokens_limit, max_n=args.max_n,
                            drain_seconds=args.drain_seconds, header_timeout=args.header_timeout,
                            verify=args.verify)
+    if args.replicas is not None:
+        from .runtime.cluster import serve_replicas  # imports Ray, or says how to install it
+
+        serve_replicas(args.artifact, args.host, args.port, options, _replica_options(args))
+        return 0
+    cluster_only = [flag for flag, value in (("--ray-address", args.ray_address), ("--min-replicas", args.min_replicas),
+                                             ("--max-replicas", args.max_replicas),
+                                             ("--replica-cpus", args.replica_cpus),
+                                             ("--no-prefix-routing", not args.prefix_routing)) if value]
+    if cluster_only:
+        raise GptjError(f"{', '.join(cluster_only)} need --replicas")
     serve(args.artifact, host=args.host, port=args.port, options=options)
     return 0
+
+
+def _replica_options(args) -> ReplicaOptions:
+    low, high = args.min_replicas, args.max_replicas
+    if args.replicas < 1 or any(n is not None and n < 1 for n in (low, high)):
+        raise GptjError("--replicas, --min-replicas and --max-replicas must be at least 1")
+    if (low is None) != (high is None):
+        raise GptjError("autoscaling needs both --min-replicas and --max-replicas")
+    if low is not None and not low <= args.replicas <= high:
+        raise GptjError(f"--replicas {args.replicas} (the start) must lie in --min-replicas {low} .. "
+                        f"--max-replicas {high}")
+    if args.replica_cpus is not None and args.replica_cpus <= 0:
+        raise GptjError("--replica-cpus must be positive")
+    return ReplicaOptions(replicas=args.replicas, ray_address=args.ray_address, min_replicas=low, max_replicas=high,
+                          replica_cpus=args.replica_cpus, prefix_routing=args.prefix_routing)
 
 
 def cmd_devices(args) -> int:
@@ -402,6 +428,21 @@ def _add_serve(sub) -> None:
     p.add_argument("--verify", action="store_true",
                    help="check the weights' sha256 against what compile recorded before running (about 1 s a GB; "
                         "their sizes, and the library's and tokenizer's sha256, are always checked)")
+    r = p.add_argument_group("replicas on Ray Serve (pip install -e '.[cluster]'; README: Several machines)")
+    r.add_argument("--replicas", type=int, metavar="N",
+                   help="serve N engines (Ray Serve replicas, each loading ARTIFACT itself: a path every node "
+                        "sees) behind one ingress on --host:--port; a conversation's next turn goes to the replica "
+                        "that served it while that one has a free slot, other requests to the least loaded")
+    r.add_argument("--ray-address", metavar="ADDR",
+                   help="join this Ray cluster from one of its nodes (head:6379, or auto; default: start a Ray head "
+                        "on 127.0.0.1 for this machine alone)")
+    r.add_argument("--min-replicas", type=int, metavar="N", help="with --max-replicas: autoscale between the two on "
+                                                                  "requests per replica (target: --max-batch)")
+    r.add_argument("--max-replicas", type=int, metavar="N")
+    r.add_argument("--replica-cpus", type=float, metavar="C",
+                   help="CPUs for each replica; its TVM threads (default: the cluster's CPUs / the most replicas)")
+    r.add_argument("--no-prefix-routing", dest="prefix_routing", action="store_false",
+                   help="send every request to the least loaded replica")
     p.set_defaults(func=cmd_serve)
 
 

@@ -26,3 +26,23 @@ class ServeOptions:
 
 
 DEFAULTS = ServeOptions()
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplicaOptions:
+    """`gptj-tvm serve --replicas`: how many engines, where, and how requests reach them (runtime/replicas.py)."""
+
+    replicas: int = 1  # engines at the start (and always, without autoscaling)
+    ray_address: str | None = None  # None: a Ray head on this machine, bound to 127.0.0.1
+    min_replicas: int | None = None  # with max_replicas: autoscale on requests per replica between the two
+    max_replicas: int | None = None
+    replica_cpus: float | None = None  # None: the cluster's CPUs shared among the most replicas there can be
+    prefix_routing: bool = True  # a conversation's next turn to the replica that holds it (replica_routing.py)
+
+    @property
+    def autoscaling(self) -> bool:
+        return self.min_replicas is not None or self.max_replicas is not None
+
+    @property
+    def most(self) -> int:
+        return max(self.replicas, self.max_replicas or 0)

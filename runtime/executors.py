@@ -13,6 +13,7 @@ Two ways, by what the artifact exports:
 from __future__ import annotations
 
 import numpy as np
+import psutil
 import tvm
 import tvm.runtime
 
@@ -33,10 +34,21 @@ class SlotExecutor:
         self.model, self.max_batch = model, max_batch
         self.positions = min(positions or model.context, model.context)
         self.max_prompt_tokens = self.positions - 1
+        reserve = reserve and model.meta.device == "cpu"
+        if reserve:
+            self._check_memory()
         self._caches = model.new_slot_caches(max_batch, self.positions)
-        if reserve and model.meta.device == "cpu":
+        if reserve:
             for cache in self._caches:
                 _commit(cache)
+
+    def _check_memory(self) -> None:
+        needed = self.max_batch * self.positions * self.model.meta.kv_bytes_per_position
+        available = psutil.virtual_memory().available
+        if needed > available:
+            raise GptjError(f"a KV cache of {self.max_batch} slots x {self.positions} positions takes "
+                            f"{needed / 1e9:.3g} GB and {available / 1e9:.3g} GB is free: lower --max-batch or "
+                            "set --kv-cache-gb")
 
     def execute(self, plan: StepPlan) -> np.ndarray:
         for source, target, rows in plan.copies:

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 import psutil
+import pytest
 import tvm
 
+from gptj_tvm.core.errors import GptjError
 from gptj_tvm.runtime.engine import SamplingParams, TokenEvent
 from gptj_tvm.runtime.executors import _commit
 
@@ -31,3 +33,12 @@ def test_an_engine_with_reserved_memory_generates_the_reference_tokens(generator
                   lambda e: out.append(e.token) if isinstance(e, TokenEvent) else None)
     engine.run_until_idle()
     assert out == reference("tiny").greedy(prompt, 6)
+
+
+def test_a_kv_cache_past_the_free_memory_is_one_clear_error(generator, monkeypatch):
+    gen = generator("tiny")
+    free = gen.meta.kv_bytes_per_position * 8 * gen.context // 2  # half of 8 full slots
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: type("Memory", (), {"available": free})())
+    with pytest.raises(GptjError, match=r"8 slots x 128 positions .* lower --max-batch or set --kv-cache-gb"):
+        gen.engine(max_batch=8, reserve_memory=True)
+    gen.engine(max_batch=3, reserve_memory=True)  # 3 of them fit

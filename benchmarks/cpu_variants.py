@@ -26,7 +26,7 @@ import numpy as np
 import gptj_tvm  # noqa: F401  (importing it sets TVM_NUM_THREADS before TVM starts)
 import tvm
 from gptj_tvm.frontend.layouts import quantized as quant
-from gptj_tvm.kernels.ymm_gemm import PMADDUBSW, PMADDWD, VPDPBUSD, int8_matmul
+from gptj_tvm.tir_kernels.ymm_gemm import PMADDUBSW, PMADDWD, VPDPBUSD, int8_matmul
 from gptj_tvm.runtime.bench import read_bandwidth
 from gptj_tvm.targets.host import cpu_flags, cpu_model
 from gptj_tvm.targets.llvm import cpu_target, host_target, target_isa

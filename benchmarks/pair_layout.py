@@ -1,4 +1,4 @@
-"""bfloat16 GEMMs on column pairs (kernels/pair_gemm.py) against column tiles, in one process, next to the bound.
+"""bfloat16 GEMMs on column pairs (tir_kernels/pair_gemm.py) against column tiles, in one process, next to the bound.
 
     python benchmarks/pair_layout.py [--layers 8] [--rounds 10] [--out benchmarks/results/pair_layout.json]
 
@@ -28,7 +28,7 @@ from tvm import te
 from tvm.s_tir import dlight as dl
 
 from gptj_tvm.frontend.layouts.column_tiles import weight_tile
-from gptj_tvm.kernels.pair_gemm import pair_matmul
+from gptj_tvm.tir_kernels.pair_gemm import pair_matmul
 from gptj_tvm.frontend.layouts.column_pairs import pair_tile, paired
 from gptj_tvm.frontend.layouts.column_tiles import tiled
 from gptj_tvm.schedules.cpu_matmul import CPUMatmul

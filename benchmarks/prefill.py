@@ -39,7 +39,7 @@ from gptj_tvm.core.errors import GptjError
 import tvm
 from gptj_tvm.frontend.layouts import quantized as quant
 from gptj_tvm.frontend.layouts.column_pairs import pair_tile, paired
-from gptj_tvm.kernels import pair_gemm, vnni_gemm
+from gptj_tvm.tir_kernels import pair_gemm, vnni_gemm
 from gptj_tvm.runtime.bench import read_bandwidth
 from gptj_tvm.targets.host import cpu_model, has_avx512_bf16, has_vnni
 from gptj_tvm.targets.llvm import host_target
@@ -154,8 +154,12 @@ def clock_ghz() -> float:
 
 def old_module(rev: str, path: str, name: str):
     """A kernel module as it was at git revision rev, imported beside this tree's."""
-    source = subprocess.run(["git", "show", f"{rev}:{path}"], capture_output=True, text=True, check=True).stdout
-    source = source.replace("from .common import", "from gptj_tvm.kernels.common import")
+    shown = subprocess.run(["git", "show", f"{rev}:{path}"], capture_output=True, text=True)
+    if shown.returncode:  # a revision from before the folder was named tir_kernels/
+        shown = subprocess.run(["git", "show", f"{rev}:{path.replace('tir_kernels/', 'kernels/')}"],
+                               capture_output=True, text=True, check=True)
+    source = shown.stdout
+    source = source.replace("from .common import", "from gptj_tvm.tir_kernels.common import")
     file = Path(tempfile.mkdtemp()) / f"{name}.py"
     file.write_text(source)
     spec = importlib.util.spec_from_file_location(name, file)
@@ -170,8 +174,8 @@ def build(func):
 
 def gemm_rows(args, threads: int, peaks: dict, bandwidth: float) -> list[dict]:
     rng = np.random.default_rng(0)
-    old_pairs = old_module(args.old_kernels, "kernels/pair_gemm.py", "old_pair_gemm")
-    old_vnni = old_module(args.old_kernels, "kernels/vnni_gemm.py", "old_vnni_gemm")
+    old_pairs = old_module(args.old_kernels, "tir_kernels/pair_gemm.py", "old_pair_gemm")
+    old_vnni = old_module(args.old_kernels, "tir_kernels/vnni_gemm.py", "old_vnni_gemm")
     rows_out = []
     for gemm, (k, n) in GEMMS.items():
         for fmt in args.formats:

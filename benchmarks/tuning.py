@@ -6,7 +6,7 @@ Per kernel (W_in = [q|k|v|fc_in], W_out = [out_proj; fc_out], lm_head): dlight's
 none of them takes an [in, out] GEMV, so the kernel runs as legalized), this project's default rule, the
 MetaSchedule-tuned schedule, and what `compile --tuning-db` runs (tuned where it beat the default), each timed
 alone with TVM's time_evaluator, next to its bound (bytes read / read bandwidth measured in the same run with
-every core); and the hand-written GEMV on the same weight in column pairs (kernels/pair_gemm.py), what a
+every core); and the hand-written GEMV on the same weight in column pairs (tir_kernels/pair_gemm.py), what a
 bfloat16 CPU artifact runs without a tuning database. Then one decode block: the tuned GEMVs plus the
 block's other kernels (LayerNorm, rotary + append, attention at context 128), against numpy doing the same
 block in float32 with its BLAS. Tuning resumes from --db. Run it with nothing else on the machine.
@@ -29,7 +29,7 @@ from gptj_tvm.targets.bandwidth import read_bandwidth
 from tvm.s_tir import dlight as dl
 
 from gptj_tvm.frontend.layouts.column_pairs import pair_tile
-from gptj_tvm.kernels.pair_gemm import pair_matmul
+from gptj_tvm.tir_kernels.pair_gemm import pair_matmul
 from gptj_tvm.frontend.random_checkpoint import make_config
 from gptj_tvm.ir import pipeline
 from gptj_tvm.schedules.cpu_matmul import CPUMatmul

@@ -30,7 +30,7 @@ def variant_for(target: tvm.target.Target, dtype: str = "float32", tuned: bool =
                 quantization: str | None = None, int8_dot: str | None = None,
                 bf16_dot: bool | None = None) -> Variant:
     """The graph a target runs, its GEMMs chosen by the target's ISA features (targets/llvm.target_isa), not the
-    host's. A CPU's bfloat16 GEMMs read column pairs (kernels/pair_gemm.py), except with a tuning database
+    host's. A CPU's bfloat16 GEMMs read column pairs (tir_kernels/pair_gemm.py), except with a tuning database
     (`tuned`): MetaSchedule tunes the column-tile GEMMs, which the hand-written pair kernels leave it nothing to
     tune in. Quantized blocks (CPU only) take q8 or q4 and lm_head q8; their GEMMs run on `int8_dot` (one of
     INT8_DOTS, "float32" to widen the levels; default: the best the target has), and bfloat16 pair GEMMs on

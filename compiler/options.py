@@ -8,7 +8,7 @@ import dataclasses
 from gptj_tvm.core.errors import GptjError
 from gptj_tvm.frontend.config import PREFILL_BUCKETS, GPTJConfig
 from gptj_tvm.frontend.layouts import LayoutPlan
-from gptj_tvm.kernels.gpu_attention import Loops
+from gptj_tvm.tir_kernels.gpu_attention import Loops
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,5 +1,5 @@
 """The numbers that define GPT-J beyond its config.json (docs/GPTJ-MATH.md), named once: the model reads them
-through frontend/config.py, the hand-written kernels (kernels/) from here."""
+through frontend/config.py, the hand-written kernels (tir_kernels/) from here."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 Every linear is built in column tiles; the compile pipeline swaps in the layout its target runs
 (frontend/layouts/, ir/linear_layouts.py), and weights.py converts a checkpoint to the same layouts, so no kernel
-transposes a weight at run time. The attention kernels come from kernels/: the CPU's, or with `gpu_loops` the
+transposes a weight at run time. The attention kernels come from tir_kernels/: the CPU's, or with `gpu_loops` the
 thread-block form. Half-precision models keep the residual stream, LayerNorm statistics, rotary angles,
 softmax and matmul accumulation in float32; the model dtype is what the weights, the KV cache and the GEMMs'
 inputs are stored in.
@@ -27,9 +27,9 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 
 from gptj_tvm.core.constants import GELU_NEW_COEFF, GELU_NEW_SCALE
-from gptj_tvm.kernels import attention as cpu_attention
-from gptj_tvm.kernels import batch_attention, gpu_attention
-from gptj_tvm.kernels.attention import AttentionShape
+from gptj_tvm.tir_kernels import attention as cpu_attention
+from gptj_tvm.tir_kernels import batch_attention, gpu_attention
+from gptj_tvm.tir_kernels.attention import AttentionShape
 
 from .config import GPTJConfig, bucket_function, exported_functions
 from .layouts import COLUMN_TILES, LinearLayout

@@ -98,7 +98,7 @@ def cmd_tune(args) -> int:
     options = TuneOptions(**_build_options(args), trials=args.trials, max_seconds=args.max_seconds)
     summary = tune_model(args.model_dir, args.output, options)
     if summary["tasks"] == 0:
-        print("nothing to tune: this model's GEMMs run hand-written kernels on this CPU (kernels/)")
+        print("nothing to tune: this model's GEMMs run hand-written kernels on this CPU (tir_kernels/)")
     print(f"{args.output}: {summary['tuned']} tasks tuned, {summary['resumed']} already there, "
           f"{summary['skipped_for_time']} left for lack of time, of {summary['tasks']} "
           f"({summary['seconds']:.0f} s)")

@@ -10,7 +10,7 @@
     4. lower         dataflow -> VM calls, static memory planning, shape lowering, global symbols
 The weights are already stored in the kernels' layout (frontend/weights.py), so no phase transposes or
 concatenates a weight at run time. Rotary + KV-cache append and attention are single TIR kernels written in
-kernels/attention.py; LayerNorm stays a kernel of its own (fusing it into the W_in GEMV would need its
+tir_kernels/attention.py; LayerNorm stays a kernel of its own (fusing it into the W_in GEMV would need its
 statistics before the first column tile).
 """
 

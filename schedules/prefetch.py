@@ -20,8 +20,8 @@ import re
 
 import tvm
 
-from gptj_tvm.kernels.common import WEIGHT_PREFETCH_BYTES as PREFETCH_BYTES
-from gptj_tvm.kernels.common import WEIGHT_PREFETCH_LOCALITY as LOCALITY
+from gptj_tvm.tir_kernels.common import WEIGHT_PREFETCH_BYTES as PREFETCH_BYTES
+from gptj_tvm.tir_kernels.common import WEIGHT_PREFETCH_LOCALITY as LOCALITY
 
 CACHE_LINE = 64
 _INT = r"(?:T\.int64\((\d+)\)|(\d+))"

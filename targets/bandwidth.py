@@ -16,7 +16,7 @@ import numpy as np
 import tvm
 from tvm.script import tirx as T
 
-from gptj_tvm.kernels.common import HAND_SCHEDULED, WEIGHT_PREFETCH_BYTES, WEIGHT_PREFETCH_LOCALITY, prefetch
+from gptj_tvm.tir_kernels.common import HAND_SCHEDULED, WEIGHT_PREFETCH_BYTES, WEIGHT_PREFETCH_LOCALITY, prefetch
 
 from .llvm import host_target
 

@@ -1,5 +1,5 @@
-"""The CPU attention kernels (kernels/attention.py, kernels/batch_attention.py) and their float math
-(kernels/fast_math.py) against numpy."""
+"""The CPU attention kernels (tir_kernels/attention.py, tir_kernels/batch_attention.py) and their float math
+(tir_kernels/fast_math.py) against numpy."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import tvm
 from tvm.script import tirx as T
 
 from gptj_tvm.core.constants import GELU_NEW_COEFF, GELU_NEW_SCALE
-from gptj_tvm.kernels import fast_math
-from gptj_tvm.kernels.attention import QUERY_BLOCK, AttentionShape, attention
-from gptj_tvm.kernels.batch_attention import batch_attention
+from gptj_tvm.tir_kernels import fast_math
+from gptj_tvm.tir_kernels.attention import QUERY_BLOCK, AttentionShape, attention
+from gptj_tvm.tir_kernels.batch_attention import batch_attention
 from gptj_tvm.targets.llvm import host_target
 
 DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}

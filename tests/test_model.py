@@ -17,7 +17,7 @@ def prompt_for(generator) -> list[int]:
     return [i % generator.vocab_size for i in PROMPT]
 
 
-# "gpu-on-cpu" is the CUDA artifact's graph ([out, in] weights, kernels/gpu_attention.py) compiled for this CPU:
+# "gpu-on-cpu" is the CUDA artifact's graph ([out, in] weights, tir_kernels/gpu_attention.py) compiled for this CPU:
 # these tests check the GPU kernels' math where no GPU is (tests/test_cuda.py checks what is built for one).
 # "vulkan" is the `--target vulkan` artifact running on a Vulkan driver (lavapipe, on this CPU, in CI).
 @pytest.mark.parametrize("name,variant", [("tiny", "cpu"), ("wide", "cpu"), ("odd", "cpu"), ("float16", "cpu"),

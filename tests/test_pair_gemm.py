@@ -1,4 +1,4 @@
-"""The bfloat16 pair-layout GEMM (kernels/pair_gemm.py) and its weight layout (frontend/layouts/column_pairs.py)."""
+"""The bfloat16 pair-layout GEMM (tir_kernels/pair_gemm.py) and its weight layout (frontend/layouts/column_pairs.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import tvm
 
 from gptj_tvm.frontend.layouts import COLUMN_PAIRS, COLUMN_TILES, LayoutPlan
-from gptj_tvm.kernels.pair_gemm import pair_matmul
+from gptj_tvm.tir_kernels.pair_gemm import pair_matmul
 from gptj_tvm.frontend.layouts.column_pairs import pair_tile, paired
 from gptj_tvm.targets.host import has_avx512_bf16
 from gptj_tvm.targets.llvm import host_target, parse_cpu_target

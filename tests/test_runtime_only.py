@@ -25,7 +25,7 @@ from gptj_tvm.cli import main
 assert main(["convert-weights", sys.argv[3], sys.argv[1], "--quiet"]) == 0
 out = gptj_tvm.load(sys.argv[1]).generate([464, 10730, 29598], max_new_tokens=6)
 loaded = sorted(m for m in sys.modules if m.startswith((
-    "tvm.relax", "tvm.s_tir", "gptj_tvm.frontend.model", "gptj_tvm.kernels", "gptj_tvm.ir",
+    "tvm.relax", "tvm.s_tir", "gptj_tvm.frontend.model", "gptj_tvm.tir_kernels", "gptj_tvm.ir",
     "gptj_tvm.schedules", "gptj_tvm.compiler.build", "gptj_tvm.compiler.compile", "gptj_tvm.targets.cuda",
     "gptj_tvm.targets.vulkan")))
 print(json.dumps({"ids": out.ids, "compiler_modules": loaded}))

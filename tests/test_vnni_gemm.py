@@ -1,4 +1,4 @@
-"""The hand-written x86 int8 GEMMs (kernels/vnni_gemm.py on AVX-512 VNNI, kernels/ymm_gemm.py on AVX-VNNI and
+"""The hand-written x86 int8 GEMMs (tir_kernels/vnni_gemm.py on AVX-512 VNNI, tir_kernels/ymm_gemm.py on AVX-VNNI and
 AVX2) against integer numpy, exactly. Each runs where this CPU has its instructions; elsewhere it is compiled
 for a CPU that has them, and its code checked for them (no test asks this CPU for an instruction it lacks)."""
 
@@ -12,8 +12,8 @@ import pytest
 import tvm
 
 from gptj_tvm.frontend.layouts import quantized as quantization
-from gptj_tvm.kernels.vnni_gemm import quantize_activations
-from gptj_tvm.kernels.ymm_gemm import int8_matmul
+from gptj_tvm.tir_kernels.vnni_gemm import quantize_activations
+from gptj_tvm.tir_kernels.ymm_gemm import int8_matmul
 from gptj_tvm.targets.host import cpu_flags
 from gptj_tvm.targets.llvm import cpu_target, host_target
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "gptj_tvm"
-LAYERS = ["core", "kernels", "frontend", "ir", "schedules", "targets", "runtime", "compiler", "gptj_tvm"]
+LAYERS = ["core", "tir_kernels", "frontend", "ir", "schedules", "targets", "runtime", "compiler", "gptj_tvm"]
 RUNTIME_TVM = ("tvm", "tvm.runtime", "tvm_ffi")  # `import tvm` loads only the runtime library with TVM_USE_RUNTIME_LIB
 
 

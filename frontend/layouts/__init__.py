@@ -1,7 +1,7 @@
 """Linear layouts: how a linear weight is stored and multiplied, one object per kind, one file each.
 
 A layout knows its parameters' shapes, the numpy conversion of a checkpoint's weight into them, the graph (or
-hand-written kernel, from kernels/) that multiplies by them, and its label. The model builds every linear in
+hand-written kernel, from tir_kernels/) that multiplies by them, and its label. The model builds every linear in
 column tiles; `ir/linear_layouts.py` swaps each for the layout a `LayoutPlan` gives it, and weight conversion
 (frontend/weights.py) asks the same plan. A new layout is a file here plus a line in LAYOUTS.
 

@@ -1,6 +1,6 @@
 """Column pairs: W [in, out] stored [out / tile, in / 2, tile, 2], input features 2r and 2r + 1 of a column in
 one 32-bit word, which a shift and a mask widen to two float32 (bfloat16 CPU artifacts; the kernel is
-kernels/pair_gemm.py, which adds the bias and the residual as it writes y). Tiles are narrower than column
+tir_kernels/pair_gemm.py, which adds the bias and the residual as it writes y). Tiles are narrower than column
 tiles': a tile's accumulators for 4 prompt positions must fit in registers. On CPUs with AVX512_BF16 the
 kernel multiplies on vdpbf16ps, which takes a 64-byte row of the layout as it is. A weight that does not pair (odd
 in_features, or no PAIR_TILES width divides out_features) stays in column tiles."""
@@ -58,7 +58,7 @@ class ColumnPairs(LinearLayout):
         from tvm.relax.frontend import nn
         from tvm.relax.frontend.nn import op
 
-        from gptj_tvm.kernels.pair_gemm import pair_matmul
+        from gptj_tvm.tir_kernels.pair_gemm import pair_matmul
 
         extra = [t for t in (bias, residual) if t is not None]
         kernel = pair_matmul(in_features, out_features, pair_tile(in_features, out_features), str(x.dtype),

@@ -11,15 +11,15 @@ error than max / 7 on Gaussian weights, for no cost at run time. Every linear we
 quantized; lm_head is q8 in both (its 206M weights are a twelfth of the model's time; q4 moves its logits
 most); the embedding table stays in the model dtype (decode reads one row of it per token).
 
-Stored layout, per linear (made for AVX-512 VNNI, kernels/vnni_gemm.py): the levels unsigned, q + OFFSET,
+Stored layout, per linear (made for AVX-512 VNNI, tir_kernels/vnni_gemm.py): the levels unsigned, q + OFFSET,
 in column tiles of TILE outputs, four consecutive input features of one output in one 32-bit word:
     q8: uint8 [out / TILE, in / 4, TILE, 4]          byte [t, i, c, r] = q[4i + r, t TILE + c] + 128
     q4: uint8 [out / TILE, in / 8, TILE, 4]          low nibble: q[8i + r, .] + 8, high nibble: q[8i + 4 + r, .] + 8
 and the scales float16 [out / TILE, in / GROUP, TILE].
 
 The GEMM: on an x86 CPU the input is quantized per group to int8 and the GEMM runs on integer dot products
-(`int8_dot`, the best of INT8_DOTS the target has): AVX-512 VNNI's `vpdpbusd` on zmm (kernels/vnni_gemm.py),
-AVX-VNNI's on ymm or AVX2's `vpmaddubsw` (kernels/ymm_gemm.py), all on this layout and with the same result;
+(`int8_dot`, the best of INT8_DOTS the target has): AVX-512 VNNI's `vpdpbusd` on zmm (tir_kernels/vnni_gemm.py),
+AVX-VNNI's on ymm or AVX2's `vpmaddubsw` (tir_kernels/ymm_gemm.py), all on this layout and with the same result;
 otherwise the levels are widened to float32 and multiplied by x exactly (`quantized_matmul`, scheduled by
 schedules/cpu_quant.py).
 """
@@ -147,7 +147,7 @@ class Quantized(LinearLayout):
         from tvm.relax.frontend import nn
         from tvm.relax.frontend.nn import op
 
-        from gptj_tvm.kernels.ymm_gemm import int8_matmul
+        from gptj_tvm.tir_kernels.ymm_gemm import int8_matmul
 
         # the kernels add the bias and the residual as they write y (as the pair kernel does)
         x_q, x_scale, x_sum = quantize_activations(x)
@@ -166,11 +166,11 @@ Q8, Q4 = Quantized("q8"), Quantized("q4")
 def quantize_activations(x):
     """x [1, n, K] -> (x_q int8, x_scale float32 [1, n, K / GROUP], x_sum int32 [1, n, K / GROUP]): per group of
     GROUP features, x_scale = max |x| / 127 (1 for an all-zero group), x_q = round half even(x / x_scale)
-    (kernels/vnni_gemm.quantize_activations)."""
+    (tir_kernels/vnni_gemm.quantize_activations)."""
     from tvm.relax.frontend import nn
     from tvm.relax.frontend.nn import op
 
-    from gptj_tvm.kernels import vnni_gemm
+    from gptj_tvm.tir_kernels import vnni_gemm
 
     n, k = x.shape[1], int(x.shape[2])
     kernel = vnni_gemm.quantize_activations(k, GROUP, str(x.dtype))

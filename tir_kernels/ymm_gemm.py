@@ -1,6 +1,6 @@
 """The q8/q4 GEMM on 256-bit integer dot products, for x86 CPUs without AVX-512 VNNI, written in TIR:
 - "avx-vnni" (Alder Lake and later Intel, Zen 5): the VEX-encoded `vpdpbusd` on ymm, one instruction per 32
-  weight bytes, the levels unsigned as stored and the offset taken back out per group (as kernels/vnni_gemm.py);
+  weight bytes, the levels unsigned as stored and the offset taken back out per group (as tir_kernels/vnni_gemm.py);
 - "avx2" (every x86-64 CPU since Haswell): `vpmaddubsw` (unsigned x signed bytes, adjacent pairs summed to
   saturating int16) and `vpmaddwd` against ones (pairs of int16 summed to int32), as ggml's q4_0 x q8_0 dot.
   A stored q8 level (q + 128, up to 255) times an int8 input can pass int16 in a pair, so q8 runs signed: the
@@ -9,7 +9,7 @@
   unsigned as stored: a pair is at most 2 x 15 x 127, so a group's eight `vpmaddubsw` are summed in int16 (at
   most 16 x 15 x 127 < 2^15) and widened by one `vpmaddwd`, and the offset comes out with the group's x_sum.
 
-Same stored layout, input quantizer (kernels/vnni_gemm.quantize_activations) and math as vnni_matmul: each
+Same stored layout, input quantizer (tir_kernels/vnni_gemm.quantize_activations) and math as vnni_matmul: each
 group's integer dot product is exact, and y[t, c] = sum over groups, in group order, of dot * (w_scale *
 x_scale) in float32, so every ISA gives the same bits, in every block shape.
 

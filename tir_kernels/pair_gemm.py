@@ -31,8 +31,10 @@ from .common import HAND_SCHEDULED, WEIGHT_PREFETCH_BYTES, WEIGHT_PREFETCH_LOCAL
 LANES = 16  # float32 lanes of a 512-bit register
 ROWS = 4  # prompt positions per block (the kernel writes out its blocks of 1 to 3 for the rest)
 # With 256-bit registers (lanes 8: AVX2 CPUs) a block of ROWS positions over the whole tile needs 32 of the 16 ymm
-# registers: prompt blocks there take one 8-column vector of the tile at a time (4 accumulators, the positions'
-# x broadcast from memory), each vector's slice of the k block staying in L1 while every block passes over it.
+# registers: prompt blocks there take NARROW_VECTORS 8-column vectors of the tile at a time (8 accumulators: each
+# takes two dependent FMAs a pair row, so 4 of them left the FMA units waiting on latency), each slice of the k
+# block staying in L1 while every block passes over it.
+NARROW_VECTORS = 2
 K_BLOCK = 256  # pair rows per k block
 LOW_HALF_SHIFT = 16
 HIGH_HALF_MASK = 0xFFFF0000
@@ -157,20 +159,24 @@ def pair_matmul(in_features: int, out_features: int, tile: int, x_dtype: str, bi
             T.writes(y[0, t0:t0 + count, tile_i * tile:tile_i * tile + tile])
             positions(x, x_words, words, y, bias, residual, tile_i, kb, t0, count, v0, vectors, streams)
 
+    # vectors of the tile a narrow prompt block takes at a time (one where the tile has an odd number)
+    slice_vectors = NARROW_VECTORS if (tile // lanes) % NARROW_VECTORS == 0 else 1
+
     @T.macro
     def narrow_rows(x, x_words, words, weight, y, bias, residual, tile_i, kb, n):
-        """A prompt's rows with 256-bit registers: per 8-column vector, blocks of ROWS and the rest."""
-        for v in range(tile // lanes):
-            rows("pair_matmul_first", x, x_words, words, weight, y, bias, residual, tile_i, kb, 0, ROWS, True, v, 1)
+        """A prompt's rows with 256-bit registers: per slice of the tile's vectors, blocks of ROWS and the rest."""
+        for s in range(tile // lanes // slice_vectors):
+            rows("pair_matmul_first", x, x_words, words, weight, y, bias, residual, tile_i, kb, 0, ROWS, True,
+                 s * slice_vectors, slice_vectors)
             for tb in range(1, n // ROWS):
                 rows("pair_matmul", x, x_words, words, weight, y, bias, residual, tile_i, kb, tb * ROWS, ROWS,
-                     False, v, 1)
+                     False, s * slice_vectors, slice_vectors)
             if n % ROWS >= 2:
                 rows("pair_matmul_rest2", x, x_words, words, weight, y, bias, residual, tile_i, kb,
-                     n // ROWS * ROWS, 2, False, v, 1)
+                     n // ROWS * ROWS, 2, False, s * slice_vectors, slice_vectors)
             if n % 2 == 1:
                 rows("pair_matmul_rest1", x, x_words, words, weight, y, bias, residual, tile_i, kb, n - 1, 1,
-                     False, v, 1)
+                     False, s * slice_vectors, slice_vectors)
 
     @T.macro
     def all_tiles(x, x_words, words, weight, y, bias, residual, n):
